@@ -1,0 +1,17 @@
+"""The built-in model-family adapters, registered when :mod:`maskpatch` is imported.
+
+Importing this package imports none of the libraries the adapters serve: each adapter looks for
+its library in ``sys.modules`` when asked whether it matches a model.
+"""
+
+from __future__ import annotations
+
+from ..registry import register_adapter
+from .sentence_transformers import SentenceTransformersAdapter
+
+__all__ = ["SentenceTransformersAdapter", "register_builtin_adapters"]
+
+
+def register_builtin_adapters() -> None:
+    """Register maskpatch's own adapters (idempotent)."""
+    register_adapter(SentenceTransformersAdapter(), replace=True)

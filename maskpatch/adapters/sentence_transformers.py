@@ -1,0 +1,137 @@
+"""The sentence-transformers family: SentenceTransformer and every model built from its modules.
+
+sentence-transformers calls ``self.model.forward(...)`` directly, so hooks on the PeftModel never
+fire. The repair therefore sits on the ``Transformer`` input module, whose output dict holds the
+token embeddings and the caller's mask together:
+
+* a forward hook measures the drift and repairs the dict for every consumer downstream
+  (``Pooling``, ``encode(output_value="token_embeddings")``, ``all_layer_embeddings``);
+* a forward pre-hook makes sure the PEFT base model gets position ids that skip padding
+  (:class:`maskpatch.hooks.PositionIdsHook`), also for an adapter set after ``apply``;
+* under ``extend``, a pre-hook on ``Pooling(include_prompt=False)`` moves the prompt exclusion
+  past the virtual tokens, onto the instruction.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..drift import check_excess
+from ..errors import DriftError
+from ..features import copy_features, exclude_leading_tokens, repair_features
+from ..handle import HookSpec
+from ..hooks import InstallRecord, MaskpatchHook, ensure_position_hook
+from ..layout import active_layout
+
+__all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
+
+
+def _classes() -> tuple[type[nn.Module], type[nn.Module]] | None:
+    if "sentence_transformers" not in sys.modules:
+        return None
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    return Transformer, Pooling
+
+
+class SentenceTransformersAdapter:
+    """Patches every sentence-transformers ``Transformer`` module inside the given model."""
+
+    name = "sentence-transformers"
+    requires = {"sentence-transformers": ">=6.2,<7", "transformers": ">=5,<6", "torch": ">=2.4"}
+    optional = {"peft": ">=0.21,<0.22"}
+
+    def matches(self, model: object) -> bool:
+        classes = _classes()
+        if classes is None or not isinstance(model, nn.Module):
+            return False
+        return any(isinstance(module, classes[0]) for module in model.modules())
+
+    def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
+        transformer_cls, pooling_cls = _classes()  # type: ignore[misc]  # matches() ran first
+        specs: list[HookSpec] = []
+        for module in model.modules():
+            if isinstance(module, transformer_cls):
+                specs.append(HookSpec(module, TransformerPositionHook(record)))
+                specs.append(HookSpec(module, TransformerOutputHook(record)))
+            elif isinstance(module, pooling_cls) and record.policy == "extend":
+                specs.append(HookSpec(module, PoolingPromptHook(record)))
+        return specs
+
+
+class TransformerPositionHook(MaskpatchHook):
+    """Pre-hook on ``Transformer``: position ids for the PEFT model it holds now (see module doc)."""
+
+    pre = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ensure_position_hook(getattr(module, "model", None), self.record)
+
+
+class TransformerOutputHook(MaskpatchHook):
+    """Forward hook on ``Transformer``: repair the features dict for the modules downstream."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if not isinstance(output, MutableMapping):
+            return None
+        key = getattr(module, "module_output_name", "token_embeddings")
+        tokens, mask = output.get(key), output.get("attention_mask")
+        if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor)) or tokens.dim() != 3 or mask.dim() != 2:
+            return None
+        if "cu_seq_lens_q" in output:
+            _refuse_flattened(module)
+            return None
+        observed = tokens.shape[1] - mask.shape[1]
+        if observed == 0:
+            return None
+        layout = active_layout(getattr(module, "model", None))
+        where = (
+            f"{type(module).__name__} output {key!r} has {tokens.shape[1]} positions but "
+            f"attention_mask has {mask.shape[1]}"
+        )
+        m = check_excess(observed, layout.num_virtual_tokens, where=where, adapter=layout.adapter)
+        return repair_features(output, key, m, self.record.policy)
+
+
+def _refuse_flattened(module: nn.Module) -> None:
+    layout = active_layout(getattr(module, "model", None))
+    if layout.adds_positions:
+        raise DriftError(
+            f"{type(module).__name__} packed the batch into one row (flash-attention unpadding), but the active "
+            f"adapter {layout.adapter!r} prepends {layout.num_virtual_tokens} virtual tokens per call, not per "
+            "text; load the model with unpad_inputs=False to use prompt learning"
+        )
+
+
+class PoolingPromptHook(MaskpatchHook):
+    """Pre-hook on ``Pooling`` under ``extend``: exclude the instruction, not the virtual tokens.
+
+    ``Pooling(include_prompt=False)`` zeroes the first ``prompt_length`` attended positions. With
+    ``m`` attending virtual-token entries in front, those would be the virtual tokens. This hook
+    hands Pooling a mask with the instruction already excluded after the first ``m`` columns, and
+    no ``prompt_length``, in a copy of the features dict.
+    """
+
+    pre = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        features = args[0] if args else None
+        if getattr(module, "include_prompt", True) or not isinstance(features, MutableMapping):
+            return None
+        mask, ids, count = features.get("attention_mask"), features.get("input_ids"), features.get("prompt_length")
+        if count is None or not isinstance(mask, Tensor) or not isinstance(ids, Tensor):
+            return None
+        m = mask.shape[1] - ids.shape[1]
+        if m <= 0:
+            return None
+        real = exclude_leading_tokens(mask.narrow(1, m, mask.shape[1] - m), count)
+        repaired = copy_features(features)
+        del repaired["prompt_length"]
+        repaired["attention_mask"] = torch.cat((mask.narrow(1, 0, m), real), dim=1)
+        return (repaired, *args[1:]), kwargs

@@ -1,0 +1,110 @@
+"""The hook objects maskpatch registers, and the record they share.
+
+Every hook is an instance of a module-level class holding plain data, so a patched model
+survives ``pickle``, ``copy.deepcopy`` and ``torch.save`` (multi-process pools pickle the model).
+The hooks of one install share one :class:`InstallRecord`; ``is_patched`` and ``remove`` find
+them by scanning the model, so no side table keyed by ``id()`` is needed and a copy of a patched
+model is still patched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .drift import Policy, positions_from_mask
+from .layout import active_layout, is_peft_model
+
+__all__ = ["InstallRecord", "MaskpatchHook", "PositionIdsHook", "ensure_position_hook"]
+
+
+class InstallRecord:
+    """What one ``apply`` installed: its policy, and who keeps it alive.
+
+    ``pinned`` is true while an explicit :func:`maskpatch.apply` owns the install; ``contexts``
+    counts the :func:`maskpatch.patched` blocks inside it. The install is removed when the last
+    context exits, unless it is pinned.
+    """
+
+    def __init__(self, policy: Policy, adapter: str, *, pinned: bool) -> None:
+        self.policy: Policy = policy
+        self.adapter = adapter
+        self.pinned = pinned
+        self.contexts = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy lives on in another process or object, where no ``patched()`` block of ours is
+        # open: it stays patched until ``maskpatch.remove`` is called on it.
+        return {**self.__dict__, "pinned": True, "contexts": 0}
+
+    def __repr__(self) -> str:
+        return f"InstallRecord(policy={self.policy!r}, adapter={self.adapter!r})"
+
+
+class MaskpatchHook:
+    """Base class of every hook maskpatch registers; ``pre`` says which kind of forward hook it is."""
+
+    pre: ClassVar[bool] = False
+
+    def __init__(self, record: InstallRecord) -> None:
+        self.record = record
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.record!r})"
+
+
+class PositionIdsHook(MaskpatchHook):
+    """Forward pre-hook on a PEFT model's base model: position ids that skip padding.
+
+    PEFT drops ``position_ids`` for prompt tuning and P-tuning, so the base model numbers the
+    ``M + N`` positions ``0..M+N-1`` and a left-padded text gets other positions (and, with
+    RoPE, other results) than the same text alone. This hook passes position ids computed from
+    the extended mask instead: virtual tokens ``0..M-1``, real tokens from ``M``, pads skipped.
+    It only acts when the active adapter prepends positions and the caller gave no position ids.
+    """
+
+    pre = True
+
+    def __init__(self, record: InstallRecord, peft_model: nn.Module) -> None:
+        super().__init__(record)
+        self.peft_model = peft_model
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs.get("position_ids") is not None:
+            return None
+        mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+        if not isinstance(mask, torch.Tensor) or not isinstance(embeds, torch.Tensor):
+            return None
+        if mask.dim() != 2 or mask.shape[1] != embeds.shape[1]:
+            return None
+        if not active_layout(self.peft_model).adds_positions:
+            return None
+        return args, {**kwargs, "position_ids": positions_from_mask(mask)}
+
+
+def accepts_position_ids(module: nn.Module) -> bool:
+    """Return whether ``module.forward`` names a ``position_ids`` parameter (T5, for one, does not)."""
+    try:
+        return "position_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:
+    """Register a :class:`PositionIdsHook` on ``peft_model.base_model`` unless one is there.
+
+    Returns whether a hook is in place afterwards. Models whose forward takes no ``position_ids``
+    (T5, for one) are left alone.
+    """
+    if not is_peft_model(peft_model):
+        return False
+    base = peft_model.base_model
+    if any(isinstance(h, PositionIdsHook) for h in base._forward_pre_hooks.values()):
+        return True
+    if not accepts_position_ids(base):
+        return False
+    base.register_forward_pre_hook(PositionIdsHook(record, peft_model), with_kwargs=True)
+    return True

@@ -1,0 +1,58 @@
+"""The virtual-token layout, read from the *active* PEFT adapter at call time.
+
+PEFT's prompt tuning, P-tuning and multitask prompt tuning prepend ``num_virtual_tokens``
+positions to the encoder input. Prefix tuning and Cartridge feed their prompt through
+``past_key_values`` and add no positions; LoRA and the other tuners add none either; and inside
+``peft_model.disable_adapter()`` nothing is prepended. Adapters switch with ``set_adapter``, so
+the layout is read on every call, never stored at ``apply`` time.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["VirtualLayout", "active_layout", "is_peft_model"]
+
+# PEFT types that prepend positions to the token sequence. Prefix tuning and Cartridge are
+# prompt learning too, but extend the key/value cache instead of the sequence.
+_POSITION_ADDING = frozenset({"PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"})
+
+
+@dataclass(frozen=True)
+class VirtualLayout:
+    """What the active adapter prepends: ``num_virtual_tokens`` positions (0 when none)."""
+
+    adapter: str | None
+    peft_type: str | None
+    num_virtual_tokens: int
+
+    @property
+    def adds_positions(self) -> bool:
+        """True when token-level outputs are ``num_virtual_tokens`` longer than the input."""
+        return self.num_virtual_tokens > 0
+
+
+NO_LAYOUT = VirtualLayout(adapter=None, peft_type=None, num_virtual_tokens=0)
+
+
+def is_peft_model(obj: object) -> bool:
+    """Return whether ``obj`` is a ``peft.PeftModel``, without importing peft."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(obj, peft.PeftModel)
+
+
+def active_layout(model: Any) -> VirtualLayout:
+    """Return the layout of ``model``'s active adapter now; :data:`NO_LAYOUT` if it adds no positions.
+
+    ``model`` may be anything: objects that are not a ``PeftModel`` have no layout.
+    """
+    if not is_peft_model(model) or model._adapters_disabled:
+        return NO_LAYOUT
+    adapter = model.active_adapter
+    config = model.peft_config[adapter]
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type not in _POSITION_ADDING:
+        return VirtualLayout(adapter=adapter, peft_type=peft_type, num_virtual_tokens=0)
+    return VirtualLayout(adapter=adapter, peft_type=peft_type, num_virtual_tokens=int(config.num_virtual_tokens))

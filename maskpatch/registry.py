@@ -1,0 +1,141 @@
+"""The adapter registry: one adapter per model family, kept as plain data.
+
+An adapter says which objects it handles (``matches``), which library versions it was tested
+with (``requires``, checked when it is used, never at import) and which hooks to register
+(``plan``, which must not change the model). Third-party packages add adapters through the
+``maskpatch.adapters`` entry-point group; each entry point names an adapter object or a class
+that builds one with no arguments.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch import nn
+
+from .errors import MaskpatchError, UnsupportedModelError, UnsupportedVersionError
+from .handle import HookSpec
+from .hooks import InstallRecord
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Adapter",
+    "check_requirements",
+    "find_adapter",
+    "load_entry_points",
+    "register_adapter",
+    "registered_adapters",
+    "unregister_adapter",
+]
+
+ENTRY_POINT_GROUP = "maskpatch.adapters"
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """What a model-family adapter provides (see the module docstring)."""
+
+    name: str
+    #: distribution name -> PEP 440 specifier; each must be installed and in range.
+    requires: Mapping[str, str]
+    #: distribution name -> specifier, checked only when that distribution is installed.
+    optional: Mapping[str, str]
+
+    def matches(self, model: object) -> bool:
+        """Return whether this adapter handles ``model``; must not import anything."""
+        ...
+
+    def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
+        """Return the hooks to register on ``model``; must not change it. Raises on bad input."""
+        ...
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+_LOCK = threading.Lock()
+_entry_points_loaded = False
+
+
+def register_adapter(adapter: Adapter, *, replace: bool = False) -> None:
+    """Add ``adapter`` to the registry; a second one of the same name needs ``replace=True``."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"expected an object with name, requires, optional, matches and plan, but got {adapter!r}")
+    with _LOCK:
+        if adapter.name in _ADAPTERS and not replace:
+            raise MaskpatchError(f"an adapter named {adapter.name!r} is already registered; pass replace=True")
+        _ADAPTERS[adapter.name] = adapter
+
+
+def unregister_adapter(name: str) -> Adapter:
+    """Remove and return the adapter called ``name``; KeyError if there is none."""
+    with _LOCK:
+        return _ADAPTERS.pop(name)
+
+
+def registered_adapters() -> tuple[Adapter, ...]:
+    """Return the registered adapters, in the order ``find_adapter`` tries them."""
+    _load_entry_points_once()
+    with _LOCK:
+        return tuple(_ADAPTERS.values())
+
+
+def load_entry_points(group: str = ENTRY_POINT_GROUP) -> int:
+    """Register every adapter advertised in the entry-point ``group``; return how many were added."""
+    added = 0
+    for entry_point in importlib.metadata.entry_points(group=group):
+        loaded = entry_point.load()
+        adapter = loaded() if isinstance(loaded, type) else loaded
+        with _LOCK:
+            if adapter.name in _ADAPTERS:
+                continue
+        register_adapter(adapter)
+        added += 1
+    return added
+
+
+def _load_entry_points_once() -> None:
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        load_entry_points()
+
+
+def find_adapter(model: object) -> Adapter:
+    """Return the first registered adapter that matches ``model``; raise if none does."""
+    for adapter in registered_adapters():
+        if adapter.matches(model):
+            return adapter
+    names = ", ".join(a.name for a in registered_adapters()) or "none"
+    raise UnsupportedModelError(
+        f"no maskpatch adapter handles an object of type {type(model).__module__}.{type(model).__qualname__}; "
+        f"registered adapters: {names}"
+    )
+
+
+def check_requirements(adapter: Adapter) -> None:
+    """Raise :class:`UnsupportedVersionError` unless ``adapter``'s libraries are in range."""
+    for dist, spec in adapter.requires.items():
+        _check(adapter.name, dist, spec, required=True)
+    for dist, spec in adapter.optional.items():
+        _check(adapter.name, dist, spec, required=False)
+
+
+def _check(adapter: str, dist: str, spec: str, *, required: bool) -> None:
+    try:
+        found = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        if required:
+            raise UnsupportedVersionError(
+                f"the {adapter!r} adapter needs {dist}{spec}, but {dist} is not installed"
+            ) from None
+        return
+    if not SpecifierSet(spec).contains(Version(found), prereleases=True):
+        raise UnsupportedVersionError(
+            f"the {adapter!r} adapter supports {dist}{spec}, but found {dist}=={found}; "
+            "pass check_versions=False to maskpatch.apply to try it anyway"
+        )
+
