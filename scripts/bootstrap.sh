@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install maskpatch with its test/demo/docs extras at the pinned,
+# tested versions of constraints/ci.txt. Idempotent: a stamp skips the install when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "maskpatch: creating .venv with $($PY --version)" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.maskpatch-installed
+want=$(cat pyproject.toml constraints/ci.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "maskpatch: installing pinned dependencies (torch 2.13.0 CPU, transformers, sentence-transformers, peft)" >&2
+  # torch first, pinned, so nothing pulls the CUDA build from the index.
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -c constraints/ci.txt torch
+  .venv/bin/python -m pip install --quiet -c constraints/ci.txt -e ".[test,docs]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,122 @@
+"""Test helpers: build prompt-tuned sentence-transformers models and hand-computed references."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def st_model(path: str, *, pooling: str = "mean", include_prompt: bool = True, padding_side: str | None = None):
+    """A SentenceTransformer of ``path`` with a fresh Transformer + Pooling(``pooling``) stack."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformer = Transformer(path)
+    if padding_side is not None:
+        transformer.tokenizer.padding_side = padding_side
+    dim = transformer.get_embedding_dimension()
+    pool = Pooling(dim, pooling_mode=pooling, include_prompt=include_prompt)
+    return SentenceTransformer(modules=[transformer, pool], device="cpu")
+
+
+def add_prompt_learning(model, *, kind: str = "prompt", m: int = 8, seed: int = 0, adapter_name: str = "default"):
+    """Put a PEFT prompt-learning (``prompt``, ``ptuning``, ``prefix``) or ``lora`` adapter on ``model[0]``."""
+    from peft import (
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptEncoderConfig,
+        PromptTuningConfig,
+        TaskType,
+        get_peft_model,
+    )
+
+    task = TaskType.FEATURE_EXTRACTION
+    configs = {
+        "prompt": lambda: PromptTuningConfig(task_type=task, num_virtual_tokens=m),
+        "ptuning": lambda: PromptEncoderConfig(task_type=task, num_virtual_tokens=m, encoder_hidden_size=16),
+        "prefix": lambda: PrefixTuningConfig(task_type=task, num_virtual_tokens=m),
+        "lora": lambda: LoraConfig(task_type=task, r=4, target_modules="all-linear", init_lora_weights=False),
+    }
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model[0].model = get_peft_model(model[0].model, configs[kind](), adapter_name=adapter_name)
+    # Give the prompt non-trivial values so virtual tokens are distinguishable from real ones.
+    with torch.no_grad():
+        for name, param in model[0].model.named_parameters():
+            if param.requires_grad and "lora" not in name:
+                param.normal_(0, 1.0)
+    return model
+
+
+def peft_token_embeddings(model, features: dict[str, Any], *, position_ids: bool = False) -> Tensor:
+    """Run the PEFT model by hand: prompts + word embeddings, extended mask, base model; (B, M+N, D).
+
+    This is the reference path: it does not go through sentence-transformers or maskpatch. With
+    ``position_ids``, positions follow the extended mask (virtual 0..M-1, real from M, pads skipped).
+    """
+    pm = model[0].model
+    ids, mask = features["input_ids"], features["attention_mask"]
+    m = pm.active_peft_config.num_virtual_tokens
+    prompts = pm.get_prompt(batch_size=ids.shape[0]).to(torch.float32)
+    embeds = torch.cat([prompts, pm.word_embeddings(ids)], dim=1)
+    full = torch.cat([torch.ones(ids.shape[0], m, dtype=mask.dtype), mask], dim=1)
+    kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": full}
+    if position_ids:
+        pos = full.long().cumsum(-1) - 1
+        kwargs["position_ids"] = pos.masked_fill(full == 0, 1)
+    with torch.no_grad():
+        return pm.base_model(**kwargs).last_hidden_state
+
+
+def policy_mask(mask: Tensor, m: int, policy: str) -> Tensor:
+    """The mask a policy pools with, written out by hand (1 = pool this position)."""
+    ones = torch.ones(mask.shape[0], m, dtype=mask.dtype)
+    if policy == "extend":
+        return torch.cat([ones, mask], dim=1)
+    if policy == "ignore":
+        return torch.cat([ones * 0, mask], dim=1)
+    return mask
+
+
+def policy_tokens(tokens: Tensor, m: int, policy: str) -> Tensor:
+    return tokens[:, m:] if policy == "strip" else tokens
+
+
+def pool_by_hand(tokens: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """Pool (B, L, D) ``tokens`` over the positions where ``mask`` is 1, written out per mode."""
+    w = mask.to(tokens.dtype).unsqueeze(-1)
+    rows = []
+    for b in range(tokens.shape[0]):
+        idx = mask[b].nonzero().flatten()
+        t = tokens[b]
+        if mode == "mean":
+            rows.append(t[idx].mean(0))
+        elif mode == "max":
+            rows.append(t[idx].max(0).values)
+        elif mode == "cls":
+            rows.append(t[idx[0]])
+        elif mode == "lasttoken":
+            rows.append(t[idx[-1]])
+        elif mode == "mean_sqrt_len_tokens":
+            rows.append(t[idx].sum(0) / len(idx) ** 0.5)
+        elif mode == "weightedmean":
+            first = int(mask[b].nonzero()[0]) if mask[b, 0] == 0 else 0
+            weights = (torch.arange(len(mask[b])) + 1 - first)[idx].to(t.dtype)
+            rows.append((t[idx] * weights[:, None]).sum(0) / weights.sum())
+        else:
+            raise ValueError(mode)
+    del w
+    return torch.stack(rows)
+
+
+def encode(model, texts: list[str], **kwargs) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.encode(texts, convert_to_tensor=True, batch_size=len(texts), **kwargs)
