@@ -10,6 +10,8 @@ Importing maskpatch imports neither sentence-transformers nor peft and changes n
 from __future__ import annotations
 
 from .adapters import register_builtin_adapters
+from .adapters.generic import prepended_mask
+from .adapters.peft import output_mask
 from .api import apply, is_patched, patched, remove
 from .conventions import MaskConvention
 from .drift import POLICIES, Policy
@@ -47,7 +49,9 @@ __all__ = [
     "apply",
     "is_patched",
     "load_entry_points",
+    "output_mask",
     "patched",
+    "prepended_mask",
     "register_adapter",
     "registered_adapters",
     "remove",

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .adapters.generic import PrependedTokensAdapter, check_same_count, validate_count
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
 from .handle import PatchHandle, find_record, install, remove_hooks
@@ -22,7 +23,9 @@ __all__ = ["apply", "is_patched", "patched", "remove"]
 _LOCK = threading.RLock()
 
 
-def apply(model: nn.Module, *, policy: Policy = "extend", check_versions: bool = True) -> PatchHandle:
+def apply(
+    model: nn.Module, *, policy: Policy = "extend", check_versions: bool = True, prepended_tokens: int | None = None
+) -> PatchHandle:
     """Patch ``model`` so its token-level outputs and masks line up again; return the handle.
 
     ``model`` is what the user holds: a SentenceTransformer (or another sentence-transformers
@@ -32,14 +35,20 @@ def apply(model: nn.Module, *, policy: Policy = "extend", check_versions: bool =
     :class:`AlreadyPatchedError` if it asks for another policy. ``handle.remove()`` undoes the
     install exactly. Library versions outside an adapter's tested range raise
     :class:`UnsupportedVersionError` unless ``check_versions`` is false.
+
+    ``prepended_tokens=M`` patches a module that prepends ``M`` tokens by itself, without PEFT
+    (see :mod:`maskpatch.adapters.generic` and :func:`maskpatch.prepended_mask`).
     """
     policy = validate_policy(policy)
     _require_module(model)
+    if prepended_tokens is not None:
+        validate_count(prepended_tokens)
     with _LOCK:
         record = find_record(model)
         if record is None:
-            return _install(model, policy, pinned=True, check_versions=check_versions)
+            return _install(model, policy, pinned=True, check_versions=check_versions, prepended=prepended_tokens)
         _require_same_policy(model, record, policy)
+        check_same_count(model, prepended_tokens)
         warnings.warn(
             f"{type(model).__name__} is already patched by maskpatch (policy {record.policy!r}); "
             "returning the existing handle instead of patching twice",
@@ -51,21 +60,27 @@ def apply(model: nn.Module, *, policy: Policy = "extend", check_versions: bool =
 
 
 @contextmanager
-def patched(model: nn.Module, *, policy: Policy = "extend", check_versions: bool = True) -> Iterator[PatchHandle]:
+def patched(
+    model: nn.Module, *, policy: Policy = "extend", check_versions: bool = True, prepended_tokens: int | None = None
+) -> Iterator[PatchHandle]:
     """Patch ``model`` for the body of a ``with`` block; undo on exit, also when the body raises.
 
     Blocks nest, on one thread or several: a block entered on a model that is already patched
     with the same policy joins that install, and the install is removed when the last block that
-    shares it exits (never when it was made by an explicit :func:`apply`).
+    shares it exits (never when it was made by an explicit :func:`apply`). ``prepended_tokens`` is
+    as for :func:`apply`.
     """
     policy = validate_policy(policy)
     _require_module(model)
+    if prepended_tokens is not None:
+        validate_count(prepended_tokens)
     with _LOCK:
         record = find_record(model)
         if record is None:
-            handle = _install(model, policy, pinned=False, check_versions=check_versions)
+            handle = _install(model, policy, pinned=False, check_versions=check_versions, prepended=prepended_tokens)
         else:
             _require_same_policy(model, record, policy)
+            check_same_count(model, prepended_tokens)
             handle = PatchHandle(model, record)
         handle._record.contexts += 1
     try:
@@ -93,8 +108,11 @@ def remove(model: nn.Module) -> bool:
         return remove_hooks(model) > 0
 
 
-def _install(model: nn.Module, policy: Policy, *, pinned: bool, check_versions: bool) -> PatchHandle:
-    adapter = find_adapter(model)
+def _install(
+    model: nn.Module, policy: Policy, *, pinned: bool, check_versions: bool, prepended: int | None = None
+) -> PatchHandle:
+    # A module that prepends tokens by itself cannot be recognised: the stated count selects the generic path.
+    adapter = find_adapter(model) if prepended is None else PrependedTokensAdapter(prepended)
     if check_versions:
         check_requirements(adapter)
     record = InstallRecord(policy, adapter.name, pinned=pinned)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .conventions import MaskConvention, fill_value
@@ -68,9 +69,11 @@ def prefix_mask(
         1 1 1 0     1 1 | 1 1 1 0             0 0 | 1 1 1 0
         1 1 1 1     1 1 | 1 1 1 1             0 0 | 1 1 1 1
     """
+    if m < 0:
+        raise DriftError(f"expected a non-negative number of mask columns to prepend, but got {m}")
     value = fill_value(convention, attend=attend, dtype=mask.dtype)
-    prefix = mask.new_full((mask.shape[0], m), value)
-    return torch.cat((prefix, mask), dim=1)
+    # One op, one allocation (the result): no separate prefix tensor, no read of mask's values.
+    return F.pad(mask, (0, 0) * (mask.dim() - 2) + (m, 0), value=value)
 
 
 def strip_positions(output: Tensor, m: int, *, dim: int = 1) -> Tensor:
@@ -90,5 +93,5 @@ def positions_from_mask(mask: Tensor) -> Tensor:
     The result is ``torch.long`` on ``mask``'s device.
     """
     attended = mask != 0
-    positions = attended.long().cumsum(-1) - 1
-    return positions.masked_fill(~attended, 1)
+    # cumsum of a bool tensor is int64 already; the in-place sub_ only touches our own temporary.
+    return torch.where(attended, attended.cumsum(-1).sub_(1), 1)

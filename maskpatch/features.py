@@ -27,6 +27,9 @@ Features = TypeVar("Features", bound=MutableMapping[str, Any])
 
 def copy_features(features: Features) -> Features:
     """Return a shallow copy of ``features`` of the same type (``dict`` or ``BatchEncoding``)."""
+    if type(features) is dict:
+        # dict.copy is what copy.copy calls for a dict, but torch.compile traces only this spelling.
+        return features.copy()  # type: ignore[return-value]
     return copy.copy(features)
 
 

@@ -27,14 +27,15 @@ class HookSpec:
 
 
 def install(specs: Sequence[HookSpec]) -> None:
-    """Register every hook of ``specs`` (all with ``with_kwargs=True``), or none of them."""
+    """Register every hook of ``specs`` (all with ``with_kwargs=True``, honouring ``always_call``), or none of them."""
     done = []
     try:
         for spec in specs:
             if spec.hook.pre:
                 done.append(spec.module.register_forward_pre_hook(spec.hook, with_kwargs=True))
             else:
-                done.append(spec.module.register_forward_hook(spec.hook, with_kwargs=True))
+                hook = spec.hook
+                done.append(spec.module.register_forward_hook(hook, with_kwargs=True, always_call=hook.always_call))
     except BaseException:
         for handle in done:
             handle.remove()

@@ -9,7 +9,9 @@ model is still patched.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -45,9 +47,13 @@ class InstallRecord:
 
 
 class MaskpatchHook:
-    """Base class of every hook maskpatch registers; ``pre`` says which kind of forward hook it is."""
+    """Base class of every hook maskpatch registers; ``pre`` says which kind of forward hook it is.
+
+    ``always_call`` (forward hooks only) asks torch to run the hook also when the forward raises.
+    """
 
     pre: ClassVar[bool] = False
+    always_call: ClassVar[bool] = False
 
     def __init__(self, record: InstallRecord) -> None:
         self.record = record
@@ -64,6 +70,8 @@ class PositionIdsHook(MaskpatchHook):
     RoPE, other results) than the same text alone. This hook passes position ids computed from
     the extended mask instead: virtual tokens ``0..M-1``, real tokens from ``M``, pads skipped.
     It only acts when the active adapter prepends positions and the caller gave no position ids.
+    In a cached decoding step of ``generate`` (``q`` new tokens, a mask over the whole sequence
+    and ``past_key_values``) it passes the last ``q`` of those position ids.
     """
 
     pre = True
@@ -76,19 +84,33 @@ class PositionIdsHook(MaskpatchHook):
         if kwargs.get("position_ids") is not None:
             return None
         mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
-        if not isinstance(mask, torch.Tensor) or not isinstance(embeds, torch.Tensor):
+        if embeds is None and kwargs.get("past_key_values") is not None:
+            embeds = kwargs.get("input_ids")  # a decoding step of generate: new token ids after a cache
+        if not isinstance(mask, torch.Tensor) or not isinstance(embeds, torch.Tensor) or mask.dim() != 2:
             return None
-        if mask.dim() != 2 or mask.shape[1] != embeds.shape[1]:
+        new = embeds.shape[1]
+        if mask.shape[1] != new and not (mask.shape[1] > new and kwargs.get("past_key_values") is not None):
             return None
         if not active_layout(self.peft_model).adds_positions:
             return None
-        return args, {**kwargs, "position_ids": positions_from_mask(mask)}
+        return args, {**kwargs, "position_ids": positions_from_mask(mask)[:, mask.shape[1] - new :]}
 
 
 def accepts_position_ids(module: nn.Module) -> bool:
     """Return whether ``module.forward`` names a ``position_ids`` parameter (T5, for one, does not)."""
+    forward = module.forward
+    func = getattr(forward, "__func__", None)
+    if func is not None and getattr(forward, "__self__", None) is module:
+        # A method of the class: its signature is the same for every instance, and reading it
+        # on every forward (models without position ids ask each time) costs ~10 microseconds.
+        return _names_position_ids(func)
+    return _names_position_ids.__wrapped__(forward)
+
+
+@functools.lru_cache(maxsize=128)
+def _names_position_ids(func: Callable[..., Any]) -> bool:
     try:
-        return "position_ids" in inspect.signature(module.forward).parameters
+        return "position_ids" in inspect.signature(func).parameters
     except (TypeError, ValueError):
         return False
 

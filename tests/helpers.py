@@ -25,6 +25,18 @@ def st_model(path: str, *, pooling: str = "mean", include_prompt: bool = True, p
     return SentenceTransformer(modules=[transformer, pool], device="cpu")
 
 
+def with_head(transformer, mode: str = "mean", *, include_prompt: bool = True, extra: tuple = ()):
+    """A SentenceTransformer of ``transformer`` (shared, not copied) + a fresh Pooling(``mode``) + ``extra``.
+
+    Cheap (no weights are loaded), so one prompt-tuned Transformer serves many pooling heads.
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+
+    pool = Pooling(transformer.get_embedding_dimension(), pooling_mode=mode, include_prompt=include_prompt)
+    return SentenceTransformer(modules=[transformer, pool, *extra], device="cpu")
+
+
 def add_prompt_learning(model, *, kind: str = "prompt", m: int = 8, seed: int = 0, adapter_name: str = "default"):
     """Put a PEFT prompt-learning (``prompt``, ``ptuning``, ``prefix``) or ``lora`` adapter on ``model[0]``."""
     from peft import (
@@ -55,11 +67,14 @@ def add_prompt_learning(model, *, kind: str = "prompt", m: int = 8, seed: int = 
     return model
 
 
-def peft_token_embeddings(model, features: dict[str, Any], *, position_ids: bool = False) -> Tensor:
+def peft_token_embeddings(
+    model, features: dict[str, Any], *, position_ids: bool = False, all_layers: bool = False
+) -> Tensor | tuple[Tensor, ...]:
     """Run the PEFT model by hand: prompts + word embeddings, extended mask, base model; (B, M+N, D).
 
     This is the reference path: it does not go through sentence-transformers or maskpatch. With
     ``position_ids``, positions follow the extended mask (virtual 0..M-1, real from M, pads skipped).
+    With ``all_layers``, return every hidden state (embeddings first) instead of the last one.
     """
     pm = model[0].model
     ids, mask = features["input_ids"], features["attention_mask"]
@@ -72,7 +87,8 @@ def peft_token_embeddings(model, features: dict[str, Any], *, position_ids: bool
         pos = full.long().cumsum(-1) - 1
         kwargs["position_ids"] = pos.masked_fill(full == 0, 1)
     with torch.no_grad():
-        return pm.base_model(**kwargs).last_hidden_state
+        out = pm.base_model(**kwargs, output_hidden_states=all_layers)
+    return tuple(out.hidden_states) if all_layers else out.last_hidden_state
 
 
 def policy_mask(mask: Tensor, m: int, policy: str) -> Tensor:
@@ -89,9 +105,22 @@ def policy_tokens(tokens: Tensor, m: int, policy: str) -> Tensor:
     return tokens[:, m:] if policy == "strip" else tokens
 
 
-def pool_by_hand(tokens: Tensor, mask: Tensor, mode: str) -> Tensor:
-    """Pool (B, L, D) ``tokens`` over the positions where ``mask`` is 1, written out per mode."""
-    w = mask.to(tokens.dtype).unsqueeze(-1)
+def exclude_instruction(mask: Tensor, count: int) -> Tensor:
+    """A copy of ``mask`` (1 = token) with each row's first ``count`` tokens after any left padding set to 0."""
+    out = mask.clone()
+    for b in range(mask.shape[0]):
+        out[b, mask[b].nonzero().flatten()[:count]] = 0
+    return out
+
+
+def pool_by_hand(tokens: Tensor, mask: Tensor, mode: str, *, sequence: Tensor | None = None) -> Tensor:
+    """Pool (B, L, D) ``tokens`` over the positions where ``mask`` is 1, written out per mode.
+
+    ``weightedmean`` weighs the k-th position of the row's sequence with k: the sequence is
+    ``sequence`` (default ``mask``), the positions that are not padding, so an instruction left out
+    of ``mask`` by ``include_prompt=False`` still counts. Padding never shifts the weights.
+    """
+    sequence = mask if sequence is None else sequence
     rows = []
     for b in range(tokens.shape[0]):
         idx = mask[b].nonzero().flatten()
@@ -107,12 +136,11 @@ def pool_by_hand(tokens: Tensor, mask: Tensor, mode: str) -> Tensor:
         elif mode == "mean_sqrt_len_tokens":
             rows.append(t[idx].sum(0) / len(idx) ** 0.5)
         elif mode == "weightedmean":
-            first = int(mask[b].nonzero()[0]) if mask[b, 0] == 0 else 0
-            weights = (torch.arange(len(mask[b])) + 1 - first)[idx].to(t.dtype)
+            rank = sequence[b].long().cumsum(0)  # 1-based index of each position in the sequence
+            weights = rank[idx].to(t.dtype)
             rows.append((t[idx] * weights[:, None]).sum(0) / weights.sum())
         else:
             raise ValueError(mode)
-    del w
     return torch.stack(rows)
 
 

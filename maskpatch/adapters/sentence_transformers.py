@@ -27,6 +27,7 @@ from ..features import copy_features, exclude_leading_tokens, repair_features
 from ..handle import HookSpec
 from ..hooks import InstallRecord, MaskpatchHook, ensure_position_hook
 from ..layout import active_layout
+from .st_consumers import consumer_specs
 
 __all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
 
@@ -62,6 +63,8 @@ class SentenceTransformersAdapter:
                 specs.append(HookSpec(module, TransformerOutputHook(record)))
             elif isinstance(module, pooling_cls) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
+            # Consumers that read N-column keys besides the mask (MultiVectorMask): see st_consumers.
+            specs.extend(consumer_specs(module, record))
         return specs
 
 

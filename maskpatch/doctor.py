@@ -1,0 +1,313 @@
+"""``maskpatch doctor MODEL_DIR [--adapter ADAPTER_DIR]``: find the drift in a saved model, and what each policy does.
+
+The doctor loads a saved sentence-transformers model directory (SentenceTransformer,
+SparseEncoder, MultiVectorEncoder or CrossEncoder, read from ``config_sentence_transformers.json``)
+or a plain Hugging Face model directory (loaded as a SentenceTransformer with mean pooling),
+optionally puts a saved PEFT adapter on it (``PeftModel.from_pretrained``), and runs a probe
+batch of a short and a long text. It reports:
+
+* the drift: the caller's mask has ``N`` columns, the token-level output ``N + M`` positions, and
+  whether the active adapter (name, PEFT type, ``num_virtual_tokens``) explains ``M``;
+* what happens today, unpatched: a crash, or how far the short text's output moves when it is
+  padded in a batch;
+* for each policy: the same batch-invariance numbers (cosine and max abs diff) with maskpatch.
+
+Exit status: 0 when the model is healthy (no drift) or repairable (every policy batch invariant),
+1 when the drift cannot be explained or a policy does not repair it, 2 when the model or adapter
+cannot be loaded (or for a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .api import patched
+from .drift import POLICIES
+from .layout import active_layout
+
+__all__ = ["DoctorError", "Drift", "PolicyResult", "Report", "diagnose", "main"]
+
+SHORT = "hello world"
+LONG = "a considerably longer sentence, so that the short one is padded when both are in one batch"
+#: Cross encoders score pairs; the first pair is the short one.
+PAIRS = [(SHORT, "hi there"), (LONG, "the long sentence is paired with another longer sentence")]
+MODEL_TYPES = ("auto", "SentenceTransformer", "SparseEncoder", "MultiVectorEncoder", "CrossEncoder")
+TOLERANCE = 1e-5
+
+EXIT_OK, EXIT_PROBLEM, EXIT_LOAD = 0, 1, 2
+
+WHAT_POLICIES_DO = {
+    "extend": "virtual tokens count as real: the mask gets M leading attend entries",
+    "ignore": "virtual tokens are kept but masked out: the mask gets M leading do-not-attend entries",
+    "strip": "virtual tokens are cut from every token-level output ([:, M:])",
+}
+
+
+class DoctorError(Exception):
+    """The model or adapter directory cannot be loaded or probed (exit status 2)."""
+
+
+@dataclass
+class Drift:
+    """What the first ``Transformer`` module returned for the probe batch, unpatched."""
+
+    status: str  # "none", "repairable", "unexplained" or "no token-level output"
+    output_key: str
+    n: int
+    positions: int | None
+    excess: int | None
+    adapter: str | None
+    peft_type: str | None
+    num_virtual_tokens: int
+
+
+@dataclass
+class PolicyResult:
+    """How the short probe text's output moves when it is padded in a batch (``None`` policy: unpatched)."""
+
+    policy: str | None
+    batch_invariant: bool
+    cosine: float | None = None
+    max_abs_diff: float | None = None
+    error: str | None = None
+    does: str = ""
+
+
+@dataclass
+class Report:
+    model_dir: str
+    adapter_dir: str | None
+    model_type: str
+    drift: Drift
+    unpatched: PolicyResult
+    policies: list[PolicyResult] = field(default_factory=list)
+    healthy: bool = False
+    verdict: str = ""
+
+
+def diagnose(
+    model_dir: str | os.PathLike[str], *, adapter_dir: str | os.PathLike[str] | None = None, model_type: str = "auto"
+) -> Report:
+    """Load ``model_dir`` (and ``adapter_dir``), probe it unpatched and under each policy; return the report.
+
+    Raises :class:`DoctorError` when a directory cannot be loaded.
+    """
+    model_type = _resolve_model_type(Path(model_dir), model_type)
+    model = _load(Path(model_dir), model_type)
+    if adapter_dir is not None:
+        _attach_adapter(model, Path(adapter_dir))
+    model.eval()
+    inputs: list[Any] = list(PAIRS) if model_type == "CrossEncoder" else [SHORT, LONG]
+    drift = measure_drift(model, inputs)
+    unpatched = _invariance(model, inputs, None)
+    results = [] if drift.status == "unexplained" else [_probe_policy(model, inputs, p) for p in POLICIES]
+    report = Report(str(model_dir), None if adapter_dir is None else str(adapter_dir), model_type, drift, unpatched)
+    report.policies = results
+    report.healthy, report.verdict = verdict(drift, results)
+    return report
+
+
+def verdict(drift: Drift, results: Sequence[PolicyResult]) -> tuple[bool, str]:
+    """Return (healthy, one-line verdict) for ``drift`` and the per-policy ``results``."""
+    if drift.status == "unexplained":
+        who = "no active prompt-learning adapter" if drift.adapter is None else f"the active adapter {drift.adapter!r}"
+        return False, (
+            f"unexplained drift: the token output has {drift.excess} positions more than the mask, but {who} adds "
+            f"{drift.num_virtual_tokens}; maskpatch will refuse this model (DriftError)"
+        )
+    failed = [r.policy for r in results if not r.batch_invariant]
+    if failed:
+        return False, f"policies {', '.join(map(str, failed))} are not batch invariant; please report this model"
+    if drift.status == "repairable":
+        return True, f"repairable: {drift.excess} virtual tokens; use maskpatch.apply(model, policy=...) (any policy)"
+    if drift.status == "none":
+        return True, "healthy: no drift (token outputs have as many positions as the mask)"
+    return True, "healthy: the output has no per-position axis (e.g. cross-encoder scores), so there is no drift"
+
+
+def measure_drift(model: nn.Module, inputs: list[Any]) -> Drift:
+    """Run the first ``Transformer`` module of ``model`` on ``inputs``, unpatched, and measure its drift."""
+    transformer = _transformer_module(model)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        features = model.preprocess(inputs)
+        output = transformer(dict(features))
+    key = getattr(transformer, "module_output_name", "token_embeddings")
+    tokens, mask = output.get(key), output["attention_mask"]
+    layout = active_layout(getattr(transformer, "model", None))
+    n = int(mask.shape[1])
+    common = dict(
+        output_key=key, n=n, adapter=layout.adapter, peft_type=layout.peft_type, num_virtual_tokens=layout.num_virtual_tokens
+    )
+    if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[1] < n:
+        # 2-D scores, or causal logits cut to the last positions (logits_to_keep).
+        return Drift("no token-level output", positions=None, excess=None, **common)
+    excess = int(tokens.shape[1]) - n
+    if excess == 0:
+        status = "none"
+    elif excess == layout.num_virtual_tokens:
+        status = "repairable"
+    else:
+        status = "unexplained"
+    return Drift(status, positions=n + excess, excess=excess, **common)
+
+
+def _probe_policy(model: nn.Module, inputs: list[Any], policy: str) -> PolicyResult:
+    with patched(model, policy=policy):  # type: ignore[arg-type]
+        result = _invariance(model, inputs, policy)
+    result.does = WHAT_POLICIES_DO[policy]
+    return result
+
+
+def _invariance(model: nn.Module, inputs: list[Any], policy: str | None) -> PolicyResult:
+    """Compare the first input's output alone with its output inside the padded batch."""
+    run = _runner(model)
+    try:
+        alone, in_batch = run(inputs[:1])[0], run(inputs)[0]
+    except Exception as exc:  # noqa: BLE001 - the doctor reports what breaks, whatever it is
+        return PolicyResult(policy, False, error=f"{type(exc).__name__}: {exc}")
+    if alone.shape != in_batch.shape:
+        shapes = f"{tuple(alone.shape)} alone vs {tuple(in_batch.shape)} in the batch"
+        return PolicyResult(policy, False, error=f"output shape differs: {shapes}")
+    diff = float((alone - in_batch).abs().max()) if alone.numel() else 0.0
+    cosine = float(torch.nn.functional.cosine_similarity(alone, in_batch, dim=0)) if alone.numel() > 1 else None
+    return PolicyResult(policy, diff <= TOLERANCE, cosine=cosine, max_abs_diff=diff)
+
+
+def _runner(model: nn.Module) -> Callable[[list[Any]], list[Tensor]]:
+    """Return a function running ``model``'s own inference API, one flat float tensor per input."""
+    kind = type(model).__name__
+
+    def run(batch: list[Any]) -> list[Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if kind == "CrossEncoder":
+                out = model.predict(batch, convert_to_tensor=True, activation_fn=nn.Identity(), batch_size=len(batch))
+            elif kind == "MultiVectorEncoder":
+                out = model.encode(batch, batch_size=len(batch))
+            elif kind == "SparseEncoder":
+                out = model.encode(batch, convert_to_tensor=True, convert_to_sparse_tensor=False, batch_size=len(batch))
+            else:
+                out = model.encode(batch, convert_to_tensor=True, batch_size=len(batch))
+        return [row.detach().float().reshape(-1).cpu() for row in out]
+
+    return run
+
+
+def _resolve_model_type(model_dir: Path, model_type: str) -> str:
+    if not model_dir.is_dir():
+        raise DoctorError(f"expected a model directory, but {str(model_dir)!r} is not a directory")
+    if model_type != "auto":
+        return model_type
+    config = model_dir / "config_sentence_transformers.json"
+    if config.is_file():
+        try:
+            return str(json.loads(config.read_text(encoding="utf-8")).get("model_type", "SentenceTransformer"))
+        except (OSError, ValueError) as exc:
+            raise DoctorError(f"cannot read {config}: {exc}") from exc
+    return "SentenceTransformer"
+
+
+def _load(model_dir: Path, model_type: str) -> nn.Module:
+    import sentence_transformers
+
+    cls = getattr(sentence_transformers, model_type, None)
+    if cls is None or model_type == "auto":
+        raise DoctorError(f"expected a model type out of {', '.join(MODEL_TYPES[1:])}, but got {model_type!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls(str(model_dir), device="cpu", local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
+        raise DoctorError(f"cannot load {str(model_dir)!r} as a {model_type}: {type(exc).__name__}: {exc}") from exc
+
+
+def _transformer_module(model: nn.Module) -> nn.Module:
+    from sentence_transformers.base.modules.transformer import Transformer
+
+    found = next((m for m in model.modules() if isinstance(m, Transformer)), None)
+    if found is None:
+        raise DoctorError(f"expected a model with a sentence-transformers Transformer module, but {model!r} has none")
+    return found
+
+
+def _attach_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    if not adapter_dir.is_dir():
+        raise DoctorError(f"expected an adapter directory, but {str(adapter_dir)!r} is not a directory")
+    from peft import PeftModel
+
+    transformer = _transformer_module(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformer.model = PeftModel.from_pretrained(transformer.model, str(adapter_dir))
+    except Exception as exc:  # noqa: BLE001
+        raise DoctorError(f"cannot load the adapter {str(adapter_dir)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def format_report(report: Report) -> str:
+    """Return ``report`` as the human-readable text ``maskpatch doctor`` prints."""
+    d = report.drift
+    lines = [f"maskpatch doctor: {report.model_dir} ({report.model_type})"]
+    if report.adapter_dir:
+        lines.append(f"  adapter dir:    {report.adapter_dir}")
+    adapter = "none" if d.adapter is None else f"{d.adapter!r} ({d.peft_type}, {d.num_virtual_tokens} virtual tokens)"
+    lines.append(f"  active adapter: {adapter}")
+    if d.positions is None:
+        lines.append(f"  probe:          mask N={d.n}; {d.output_key!r} has no per-position axis")
+    else:
+        lines.append(f"  probe:          mask N={d.n}, {d.output_key!r} N+M={d.positions}, M={d.excess} -> {d.status}")
+    lines.append("  short text alone vs padded in a batch:")
+    for result in [report.unpatched, *report.policies]:
+        lines.append("    " + _format_result(result))
+    lines.append(("ok: " if report.healthy else "problem: ") + report.verdict)
+    return "\n".join(lines)
+
+
+def _format_result(result: PolicyResult) -> str:
+    name = f"{result.policy or 'unpatched':<10}"
+    if result.error is not None:
+        return f"{name} fails: {result.error.splitlines()[0][:160]}"
+    state = "batch invariant" if result.batch_invariant else "NOT batch invariant"
+    cosine = "n/a" if result.cosine is None else f"{result.cosine:.6f}"
+    does = f"  ({result.does})" if result.does else ""
+    return f"{name} {state:<20} cosine {cosine}  max|diff| {result.max_abs_diff:.2e}{does}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskpatch doctor",
+        description="Load a saved model (and adapter), probe it, and report the drift and what each policy does.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved sentence-transformers or Hugging Face model")
+    parser.add_argument("--adapter", metavar="ADAPTER_DIR", help="a saved PEFT adapter to put on the model")
+    parser.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="how to load MODEL_DIR")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``maskpatch doctor``; return 0 (healthy or repairable), 1 (a problem) or 2 (cannot load)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help and usage errors
+        return int(exc.code or 0)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        report = diagnose(args.model_dir, adapter_dir=args.adapter, model_type=args.model_type)
+    except DoctorError as exc:
+        print(f"maskpatch doctor: error: {exc}", file=sys.stderr)
+        return EXIT_LOAD
+    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
+    return EXIT_OK if report.healthy else EXIT_PROBLEM

@@ -1,0 +1,311 @@
+"""The adapter registry: plain data, entry points, version checks, and one contract for every adapter."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import pickle
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import pytest
+import torch
+from packaging.specifiers import SpecifierSet
+from torch import nn
+
+import maskpatch
+from maskpatch import (
+    MaskpatchError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+    register_adapter,
+    registered_adapters,
+    unregister_adapter,
+)
+from maskpatch.handle import HookSpec, iter_hooks
+from maskpatch.hooks import InstallRecord, MaskpatchHook
+from maskpatch.registry import check_requirements, find_adapter, load_entry_points
+
+
+class Marked(nn.Module):
+    """A module only the test adapters below match."""
+
+    def forward(self, x):
+        return x
+
+
+class FakeAdapter:
+    """A minimal adapter: matches Marked modules, plans nothing."""
+
+    def __init__(self, name: str = "fake", requires=None, optional=None, match: type = Marked) -> None:
+        self.name = name
+        self.requires = requires or {}
+        self.optional = optional or {}
+        self._match = match
+
+    def matches(self, model: object) -> bool:
+        return isinstance(model, self._match)
+
+    def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
+        return []
+
+
+@pytest.fixture
+def scratch_names():
+    """Names registered by a test; unregistered afterwards so the registry is as it was."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        try:
+            unregister_adapter(name)
+        except KeyError:
+            pass
+
+
+# --- the registry as data -------------------------------------------------------------------
+
+
+def test_register_then_unregister_restores_the_registry(scratch_names):
+    """register_adapter appends in order; unregister_adapter returns the adapter and removes it."""
+    before = registered_adapters()
+    adapter = FakeAdapter("fake-a")
+    register_adapter(adapter)
+    scratch_names.append("fake-a")
+    assert registered_adapters() == (*before, adapter)
+    assert unregister_adapter("fake-a") is adapter
+    assert registered_adapters() == before
+
+
+def test_registering_a_name_twice_needs_replace(scratch_names):
+    """A second adapter of the same name raises MaskpatchError unless replace=True, which swaps it in place."""
+    first, second = FakeAdapter("fake-b"), FakeAdapter("fake-b")
+    register_adapter(first)
+    scratch_names.append("fake-b")
+    with pytest.raises(MaskpatchError, match="already registered"):
+        register_adapter(second)
+    register_adapter(second, replace=True)
+    assert [a for a in registered_adapters() if a.name == "fake-b"] == [second]
+
+
+def test_register_refuses_objects_that_are_not_adapters():
+    """An object without name/requires/optional/matches/plan is a TypeError, and nothing is registered."""
+    before = registered_adapters()
+    with pytest.raises(TypeError, match="expected an object with name"):
+        register_adapter(object())  # type: ignore[arg-type]
+    assert registered_adapters() == before
+
+
+def test_unregister_unknown_name_is_a_key_error():
+    """Unregistering a name that is not registered raises KeyError."""
+    with pytest.raises(KeyError):
+        unregister_adapter("no-such-adapter")
+
+
+def test_find_adapter_returns_the_first_match_in_registration_order(scratch_names):
+    """find_adapter tries adapters in order and returns the first whose matches() is true."""
+    first, second = FakeAdapter("fake-first"), FakeAdapter("fake-second")
+    register_adapter(first)
+    register_adapter(second)
+    scratch_names.extend(["fake-first", "fake-second"])
+    assert find_adapter(Marked()) is first
+
+
+def test_find_adapter_without_match_names_the_type_and_the_adapters():
+    """No matching adapter raises UnsupportedModelError (a TypeError) naming the type and the registry."""
+    with pytest.raises(UnsupportedModelError) as info:
+        find_adapter(nn.Linear(2, 2))
+    message = str(info.value)
+    assert "torch.nn.modules.linear.Linear" in message
+    assert all(a.name in message for a in registered_adapters())
+    assert isinstance(info.value, TypeError)
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+class _EntryPoint:
+    def __init__(self, target: object) -> None:
+        self._target = target
+
+    def load(self) -> object:
+        return self._target
+
+
+def test_load_entry_points_registers_objects_and_classes_and_counts_them(monkeypatch, scratch_names):
+    """Entry points naming an adapter object or a class are registered; the count of new ones is returned."""
+
+    class ThirdParty(FakeAdapter):
+        def __init__(self) -> None:
+            super().__init__("third-party-class")
+
+    instance = FakeAdapter("third-party-object")
+    seen_groups = []
+
+    def entry_points(*, group):
+        seen_groups.append(group)
+        return [_EntryPoint(instance), _EntryPoint(ThirdParty)]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    scratch_names.extend(["third-party-object", "third-party-class"])
+    assert load_entry_points() == 2
+    assert seen_groups == ["maskpatch.adapters"]
+    names = [a.name for a in registered_adapters()]
+    assert "third-party-object" in names and "third-party-class" in names
+    # A second load finds both registered already and adds nothing.
+    assert load_entry_points() == 0
+
+
+# --- version requirements -------------------------------------------------------------------
+
+
+def _fake_versions(monkeypatch, versions: dict[str, str]) -> None:
+    real = importlib.metadata.version
+
+    def version(dist: str) -> str:
+        if dist in versions:
+            if versions[dist] == "missing":
+                raise importlib.metadata.PackageNotFoundError(dist)
+            return versions[dist]
+        return real(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+
+
+def test_check_requirements_passes_inside_the_range(monkeypatch):
+    """Installed versions inside every required and optional range pass silently."""
+    _fake_versions(monkeypatch, {"libx": "1.5", "liby": "0.3"})
+    check_requirements(FakeAdapter(requires={"libx": ">=1,<2"}, optional={"liby": ">=0.2"}))
+
+
+def test_check_requirements_out_of_range_names_dist_range_and_found_version(monkeypatch):
+    """A required library outside its range raises UnsupportedVersionError naming all three and the bypass."""
+    _fake_versions(monkeypatch, {"libx": "2.0"})
+    with pytest.raises(UnsupportedVersionError) as info:
+        check_requirements(FakeAdapter("fake-v", requires={"libx": ">=1,<2"}))
+    message = str(info.value)
+    assert "'fake-v'" in message and "libx>=1,<2" in message and "libx==2.0" in message
+    assert "check_versions=False" in message
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_check_requirements_missing_required_library_is_reported(monkeypatch):
+    """A required library that is not installed raises UnsupportedVersionError saying so."""
+    _fake_versions(monkeypatch, {"libx": "missing"})
+    with pytest.raises(UnsupportedVersionError, match="libx is not installed"):
+        check_requirements(FakeAdapter(requires={"libx": ">=1"}))
+
+
+def test_check_requirements_optional_library_is_checked_only_when_installed(monkeypatch):
+    """An optional library that is missing is fine; one that is installed but out of range is not."""
+    _fake_versions(monkeypatch, {"liby": "missing"})
+    check_requirements(FakeAdapter(optional={"liby": ">=1"}))
+    _fake_versions(monkeypatch, {"liby": "0.5"})
+    with pytest.raises(UnsupportedVersionError, match="liby==0.5"):
+        check_requirements(FakeAdapter(optional={"liby": ">=1"}))
+
+
+# --- the contract every registered adapter keeps --------------------------------------------
+
+
+def _sentence_transformer_sample(tiny_model_dir) -> nn.Module:
+    from helpers import add_prompt_learning, st_model
+
+    return add_prompt_learning(st_model(tiny_model_dir("bert"), include_prompt=False), m=4)
+
+
+def _peft_model_sample(tiny_model_dir) -> nn.Module:
+    from helpers import add_prompt_learning, st_model
+
+    return add_prompt_learning(st_model(tiny_model_dir("bert")), m=4)[0].model
+
+
+#: adapter name -> factory(tiny_model_dir) of a model the adapter matches. An adapter registered
+#: without a sample here fails the plan contract below: add one when you add an adapter.
+SAMPLES: dict[str, Callable[..., nn.Module]] = {
+    "sentence-transformers": _sentence_transformer_sample,
+    "peft": _peft_model_sample,
+}
+
+ADAPTERS = registered_adapters()
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=[a.name for a in ADAPTERS])
+def test_adapter_contract_declares_name_and_valid_version_ranges(adapter):
+    """Every adapter has a unique non-empty name and PEP 440 ranges that the tested pins satisfy."""
+    assert isinstance(adapter.name, str) and adapter.name
+    assert [a.name for a in registered_adapters()].count(adapter.name) == 1
+    for ranges in (adapter.requires, adapter.optional):
+        for dist, spec in ranges.items():
+            assert isinstance(dist, str) and dist
+            SpecifierSet(spec)  # raises InvalidSpecifier on a malformed range
+    check_requirements(adapter)  # the pinned CI environment is inside every declared range
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=[a.name for a in ADAPTERS])
+def test_adapter_contract_does_not_match_foreign_objects(adapter):
+    """matches() is false for non-modules and for plain torch modules, and never raises."""
+    for foreign in (object(), None, "model", nn.Linear(2, 2), nn.Sequential(nn.ReLU())):
+        assert adapter.matches(foreign) is False
+
+
+def _module_state(model: nn.Module) -> list[tuple]:
+    hook_dicts = (
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
+    return [
+        (name, sorted(vars(m)), *(dict(getattr(m, d)) for d in hook_dicts)) for name, m in model.named_modules()
+    ]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=[a.name for a in ADAPTERS])
+def test_adapter_contract_plan_is_pure_and_hooks_are_picklable(adapter, tiny_model_dir):
+    """plan() changes nothing, returns hooks of module-level classes bound to the record, on the model's
+    own modules, that pickle and deep-copy; apply + remove through the API leaves the model as it was."""
+    assert adapter.name in SAMPLES, f"add a sample model for adapter {adapter.name!r} to SAMPLES in {__file__}"
+    model = SAMPLES[adapter.name](tiny_model_dir)
+    assert adapter.matches(model)
+    before = _module_state(model)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    record = InstallRecord("extend", adapter.name, pinned=True)
+
+    specs = adapter.plan(model, record)
+
+    assert _module_state(model) == before
+    assert specs and all(isinstance(spec, HookSpec) for spec in specs)
+    submodules = {id(m) for m in model.modules()}
+    for spec in specs:
+        assert id(spec.module) in submodules
+        assert isinstance(spec.hook, MaskpatchHook) and spec.hook.record is record
+        assert "<locals>" not in type(spec.hook).__qualname__
+        copy = pickle.loads(pickle.dumps(spec.hook))
+        assert type(copy) is type(spec.hook) and copy.record.policy == "extend"
+    handle = maskpatch.apply(model, policy="extend")
+    assert maskpatch.is_patched(model)
+    handle.remove()
+    assert _module_state(model) == before
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+
+
+def test_every_adapter_matches_without_importing_its_library():
+    """Asking every registered adapter about a plain module imports neither sentence-transformers,
+    peft nor transformers (a fresh interpreter checks it)."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        import maskpatch
+        adapters = maskpatch.registered_adapters()
+        assert adapters, "no adapter registered"
+        for adapter in adapters:
+            assert adapter.matches(torch.nn.Linear(2, 2)) is False, adapter.name
+        heavy = sorted(m for m in ("sentence_transformers", "peft", "transformers") if m in sys.modules)
+        print("imported:", heavy)
+        sys.exit(1 if heavy else 0)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
