@@ -187,16 +187,16 @@ def _invariance(model: nn.Module, inputs: list[Any], policy: str | None) -> Poli
 
 def _runner(model: nn.Module) -> Callable[[list[Any]], list[Tensor]]:
     """Return a function running ``model``'s own inference API, one flat float tensor per input."""
-    kind = type(model).__name__
+    from sentence_transformers import CrossEncoder, MultiVectorEncoder, SparseEncoder
 
     def run(batch: list[Any]) -> list[Tensor]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if kind == "CrossEncoder":
+            if isinstance(model, CrossEncoder):
                 out = model.predict(batch, convert_to_tensor=True, activation_fn=nn.Identity(), batch_size=len(batch))
-            elif kind == "MultiVectorEncoder":
+            elif isinstance(model, MultiVectorEncoder):
                 out = model.encode(batch, batch_size=len(batch))
-            elif kind == "SparseEncoder":
+            elif isinstance(model, SparseEncoder):
                 out = model.encode(batch, convert_to_tensor=True, convert_to_sparse_tensor=False, batch_size=len(batch))
             else:
                 out = model.encode(batch, convert_to_tensor=True, batch_size=len(batch))

@@ -93,7 +93,10 @@ class PositionIdsHook(MaskpatchHook):
             return None
         if not active_layout(self.peft_model).adds_positions:
             return None
-        return args, {**kwargs, "position_ids": positions_from_mask(mask)[:, mask.shape[1] - new :]}
+        positions = positions_from_mask(mask)
+        if new != mask.shape[1]:  # only a decoding step slices: a no-op slice still costs a dispatch
+            positions = positions[:, mask.shape[1] - new :]
+        return args, {**kwargs, "position_ids": positions}
 
 
 def accepts_position_ids(module: nn.Module) -> bool:

@@ -16,14 +16,20 @@ from torch import Tensor
 
 from .errors import PolicyError
 
-__all__ = ["IGNORE_INDEX", "extend_4d_mask", "prefix_labels", "shift_position_ids", "shift_span_positions"]
+__all__ = [
+    "IGNORE_INDEX",
+    "extend_4d_mask",
+    "prefix_labels",
+    "shift_position_ids",
+    "shift_span_positions",
+]
 
 #: The label value Hugging Face losses skip.
 IGNORE_INDEX = -100
 
 
 def extend_4d_mask(mask: Tensor, m: int) -> Tensor:
-    """Return the 4-D ``mask`` (additive float: ``0.0`` attends; or bool: ``True`` attends) for ``m`` virtual tokens in front.
+    """Return 4-D ``mask`` (additive float: ``0.0`` attends; bool: ``True`` attends) with ``m`` virtual tokens first.
 
     ``mask`` has shape ``(B, H, N, N)`` (``H`` is usually 1): query rows, key columns. The result
     has shape ``(B, H, m + N, m + N)``, ``mask``'s dtype and device::
@@ -57,14 +63,15 @@ def extend_4d_mask(mask: Tensor, m: int) -> Tensor:
 
 def _check_4d(mask: Tensor) -> None:
     if mask.dim() != 4:
-        raise PolicyError(f"expected a 4-D attention mask (batch, heads, queries, keys), but got shape {tuple(mask.shape)}")
+        shape = tuple(mask.shape)
+        raise PolicyError(f"expected a 4-D attention mask (batch, heads, queries, keys), but got shape {shape}")
     if mask.shape[2] != mask.shape[3]:
         raise PolicyError(
             f"expected a square 4-D attention mask (as many queries as keys, no cache), but got shape "
             f"{tuple(mask.shape)}"
         )
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        raise PolicyError(f"expected a bool or floating-point (additive) 4-D attention mask, but got dtype {mask.dtype}")
+        raise PolicyError(f"expected a bool or floating-point (additive) 4-D mask, but got dtype {mask.dtype}")
 
 
 def shift_position_ids(position_ids: Tensor, m: int) -> Tensor:
@@ -81,11 +88,11 @@ def shift_position_ids(position_ids: Tensor, m: int) -> Tensor:
 
 
 def prefix_labels(labels: Tensor, m: int, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Return per-token ``labels`` ``(B, N, ...)`` with ``m`` leading ``ignore_index`` entries, so losses skip the virtual tokens."""
+    """Return per-token ``labels`` ``(B, N, ...)`` with ``m`` leading ``ignore_index`` entries (losses skip them)."""
     prefix = labels.new_full((labels.shape[0], m, *labels.shape[2:]), ignore_index)
     return torch.cat((prefix, labels), dim=1)
 
 
 def shift_span_positions(positions: Tensor, m: int) -> Tensor:
-    """Return answer-span ``positions`` (token indices into the caller's ``N`` tokens) as indices into ``m + N`` positions."""
+    """Return answer-span ``positions`` (indices into the caller's ``N`` tokens) as indices into ``m + N`` positions."""
     return positions + m

@@ -171,7 +171,7 @@ class PeftBaseHook(MaskpatchHook):
         new = {key: value for key, value in kwargs.items() if key != CALL_KEY}
         if call.mask4d is not None:
             new["attention_mask"] = extend_4d_mask(call.mask4d, call.m)
-        if call.position_ids is not None:
+        if call.position_ids is not None and accepts_position_ids(module):  # T5 takes none; PEFT dropped them too
             new["position_ids"] = shift_position_ids(call.position_ids, call.m)
         if call.token_type_ids is not None:
             new["token_type_ids"] = prefix_labels(call.token_type_ids, call.m, ignore_index=0)
@@ -257,12 +257,13 @@ def _as_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
     """Return the call's arguments as one new keyword dict (positional ones bound by name)."""
     if not args:
         return dict(kwargs)
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
-    params = inspect.signature(module.forward).parameters
-    flat = {k: v for k, v in bound.items() if params[k].kind is not inspect.Parameter.VAR_KEYWORD}
-    for k, v in bound.items():
-        if params[k].kind is inspect.Parameter.VAR_KEYWORD:
-            flat.update(v)
+    signature = inspect.signature(module.forward)
+    flat: dict[str, Any] = {}
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        else:
+            flat[name] = value
     return flat
 
 
@@ -278,8 +279,9 @@ def _prepare_call(
     mask = new.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 4:
         fields["mask4d"], new["attention_mask"] = _check_4d_call(module, kind, mask, fields["n"]), None
-    if kind == "PeftModelForTokenClassification" and new.get("labels") is not None:
-        new["labels"] = prefix_labels(new["labels"], m)
+    labels = new.get("labels")
+    if kind == "PeftModelForTokenClassification" and labels is not None and labels.shape[1] != fields["n"] + m:
+        new["labels"] = prefix_labels(labels, m)  # labels already M + N long were aligned by the caller
     if kind == "PeftModelForQuestionAnswering":
         _shift_spans(new, m)
         fields["token_type_ids"] = new.pop("token_type_ids", None)  # PEFT drops them silently here
@@ -341,8 +343,14 @@ def _cached_encoder(module: nn.Module, layout: VirtualLayout, kwargs: dict[str, 
         kwargs["inputs_embeds"] = weight.new_zeros(states.shape[0], 0, weight.shape[1])
     fields: dict[str, Any] = {"cached_encoder": True}
     if isinstance(mask, Tensor):
-        where = f"{type(module).__name__} encoder_outputs have {states.shape[1]} positions but attention_mask has {mask.shape[1]}"
-        if check_excess(states.shape[1] - mask.shape[1], layout.num_virtual_tokens, where=where, adapter=layout.adapter) == 0:
+        where = (
+            f"{type(module).__name__} encoder_outputs have {states.shape[1]} positions but attention_mask has "
+            f"{mask.shape[1]}"
+        )
+        excess = check_excess(
+            states.shape[1] - mask.shape[1], layout.num_virtual_tokens, where=where, adapter=layout.adapter
+        )
+        if excess == 0:
             kwargs["attention_mask"] = None
             fields.update(restore_mask=True, encoder_mask=mask)
         fields["n"] = int(mask.shape[1])
@@ -353,7 +361,7 @@ def _cached_encoder(module: nn.Module, layout: VirtualLayout, kwargs: dict[str, 
 
 
 def repair_output(output: Any, call: PeftCall, policy: Policy, *, kind: str, where: str) -> Any:
-    """Check every token-level field of ``output`` for ``call``; under ``strip`` return a copy without the virtual positions.
+    """Check every token-level field of ``output``; under ``strip`` return a copy without the virtual positions.
 
     A field longer than ``call.n`` by exactly ``call.m`` is drift to repair; shorter fields
     (``logits_to_keep``) and equal ones (cached prompt-less encoder states) are left alone; any
@@ -421,7 +429,8 @@ def output_mask(
     layout = _peft_layout(model)
     if record.policy == "strip" or not layout.adds_positions:
         return attention_mask
-    return prefix_mask(attention_mask, layout.num_virtual_tokens, attend=record.policy == "extend", convention=convention)
+    attend = record.policy == "extend"
+    return prefix_mask(attention_mask, layout.num_virtual_tokens, attend=attend, convention=convention)
 
 
 def _peft_layout(model: nn.Module) -> VirtualLayout:
@@ -484,7 +493,9 @@ def _generation_unsupported(*args: Any, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _disabled_without_generation(wrapped: Any, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
+def _disabled_without_generation(
+    wrapped: Any, peft_model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Iterator[Any]:
     """Run PEFT's ``disable_adapter`` with a stand-in for the ``prepare_inputs_for_generation`` it swaps.
 
     PEFT swaps ``forward`` and ``prepare_inputs_for_generation`` for the base model's; the base

@@ -91,7 +91,9 @@ class TransformerOutputHook(MaskpatchHook):
             _refuse_flattened(module)
             return None
         observed = tokens.shape[1] - mask.shape[1]
-        if observed == 0:
+        if observed <= 0:
+            # Equal: no drift. Shorter: the model kept only its last positions (a causal-LM
+            # reranker's logits_to_keep), which PEFT's prefix does not shift.
             return None
         layout = active_layout(getattr(module, "model", None))
         where = (

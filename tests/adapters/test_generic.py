@@ -111,7 +111,7 @@ def test_extend_and_ignore_leave_the_output_bit_identical(policy, output):
 
 @pytest.mark.parametrize("policy", maskpatch.POLICIES)
 def test_pooling_with_prepended_mask_equals_reference_and_is_batch_invariant(policy):
-    """Mean pooling with the mask prepended_mask gives pools the policy's positions, whatever the padding."""
+    """Mean pooling with the mask from prepended_mask covers the policy's positions, whatever the padding."""
     module = MemoryEncoder()
     expected = pool_by_hand(policy_tokens(run(module), M, policy), policy_mask(MASK, M, policy), "mean")
 

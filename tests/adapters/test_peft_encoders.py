@@ -270,7 +270,8 @@ def test_token_classification_trains_through_hf_trainer(policy, tmp_path):
         embeds = torch.cat([ref_model.get_prompt(batch_size=2), ref_model.word_embeddings(m_ids)], dim=1)
         full = torch.cat([torch.ones(2, M, dtype=mask.dtype), mask], dim=1)
         positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
-        ref_model.base_model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, labels=shifted).loss.backward()
+        out = ref_model.base_model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, labels=shifted)
+        out.loss.backward()
         ref_opt.step()
     trained = dict(pm.named_parameters())
     for name, param in ref_model.named_parameters():
@@ -382,26 +383,31 @@ def test_set_adapter_switches_virtual_token_count(policy):
         results = {}
         for name in ("long", "default", "long"):
             pm.set_adapter(name)
-            results[name] = (pm(input_ids=BATCH, attention_mask=_mask(BATCH)).last_hidden_state, maskpatch.output_mask(pm, _mask(BATCH)))
+            tokens = pm(input_ids=BATCH, attention_mask=_mask(BATCH)).last_hidden_state
+            results[name] = (tokens, maskpatch.output_mask(pm, _mask(BATCH)))
     for name, m in (("default", 4), ("long", 7)):
         pm.set_adapter(name)
         tokens, mask = results[name]
-        torch.testing.assert_close(tokens, cut(by_hand(pm, BATCH, _mask(BATCH)).last_hidden_state, policy, m), atol=ATOL, rtol=0)
+        ref = by_hand(pm, BATCH, _mask(BATCH)).last_hidden_state
+        torch.testing.assert_close(tokens, cut(ref, policy, m), atol=ATOL, rtol=0)
         assert mask.shape[1] == tokens.shape[1]
 
 
+@pytest.mark.parametrize(
+    ("task", "key"), [("FEATURE_EXTRACTION", "last_hidden_state"), ("QUESTION_ANS", "start_logits")]
+)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_multitask_prompt_tuning_routes_task_ids(policy):
-    """Feature extraction with multitask prompt tuning takes the caller's task_ids (PEFT never passes them)."""
-    pm = peft_model(kind="mpt")
+def test_multitask_prompt_tuning_routes_task_ids(policy, task, key):
+    """Multitask prompt tuning takes the caller's task_ids where PEFT never passes them on (FE, QA)."""
+    pm = peft_model(task, kind="mpt")
     task_ids = torch.tensor([2, 0])
     with pytest.raises(ValueError, match="task_ids cannot be None"):
         pm(input_ids=BATCH, attention_mask=_mask(BATCH), task_ids=task_ids)
     out = call(pm, BATCH, policy, task_ids=task_ids)
     ref = by_hand(pm, BATCH, _mask(BATCH), task_ids=task_ids)
-    torch.testing.assert_close(out.last_hidden_state, cut(ref.last_hidden_state, policy), atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[key], cut(ref[key], policy), atol=ATOL, rtol=0)
     other = by_hand(pm, BATCH, _mask(BATCH), task_ids=torch.tensor([1, 1]))
-    assert (out.last_hidden_state - cut(other.last_hidden_state, policy)).abs().max() > 1e-3
+    assert (out[key] - cut(other[key], policy)).abs().max() > 1e-4  # the task ids matter
     with maskpatch.patched(pm, policy=policy), pytest.raises(PolicyError, match="needs task_ids"):
         pm(input_ids=BATCH, attention_mask=_mask(BATCH))
 
@@ -426,7 +432,13 @@ def test_other_models_are_untouched_while_one_is_patched():
 
 def _hook_state(model) -> list[tuple[str, int, int, int, frozenset[str]]]:
     return [
-        (name, len(mod._forward_pre_hooks), len(mod._forward_hooks), len(mod._forward_hooks_always_called), frozenset(mod.__dict__))
+        (
+            name,
+            len(mod._forward_pre_hooks),
+            len(mod._forward_hooks),
+            len(mod._forward_hooks_always_called),
+            frozenset(mod.__dict__),
+        )
         for name, mod in model.named_modules()
     ]
 
@@ -487,3 +499,15 @@ def test_unexplained_excess_raises_drift_error():
         hook(pm, (), {"maskpatch_peft_call": call_info}, output)
     fine = hook(pm, (), {"maskpatch_peft_call": call_info}, BaseModelOutput(last_hidden_state=torch.zeros(1, 5 + M, 8)))
     assert fine.last_hidden_state.shape[1] == 5
+
+
+def test_positional_arguments_and_prealigned_labels():
+    """pm(ids, mask) binds like keywords; labels the caller already padded to M + N are not padded twice."""
+    pm = peft_model("TOKEN_CLS")
+    shifted = torch.cat([torch.full((2, M), -100), LABELS], dim=1)
+    with maskpatch.patched(pm, policy="strip"), torch.no_grad():
+        by_keyword = pm(input_ids=BATCH, attention_mask=_mask(BATCH), labels=LABELS)
+        by_position = pm(BATCH, _mask(BATCH), labels=LABELS)
+        prealigned = pm(input_ids=BATCH, attention_mask=_mask(BATCH), labels=shifted)
+    assert torch.equal(by_position.logits, by_keyword.logits) and torch.equal(by_position.loss, by_keyword.loss)
+    assert torch.equal(prealigned.loss, by_keyword.loss)

@@ -16,9 +16,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-import maskpatch
 from conftest import TEXTS
 from helpers import (
     add_prompt_learning,
@@ -31,12 +28,34 @@ from helpers import (
     st_model,
     with_head,
 )
+from torch import Tensor
+
+import maskpatch
 from maskpatch import POLICIES, DriftError
 
 MODES = ["mean", "max", "cls", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
 TOL = 1e-5
 M = 4  # virtual tokens on the tiny models
 PROMPT = "query: "
+
+# Every (mode, padding side, policy) but the known limitation, which has its own test below.
+MATRIX = [
+    (mode, side, policy)
+    for mode in MODES
+    for side in ("right", "left")
+    for policy in POLICIES
+    if (mode, side, policy) != ("weightedmean", "left", "extend")
+]
+MATRIX_IDS = ["-".join(case) for case in MATRIX]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Run this module's tiny models on one thread: two threads contend on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:
@@ -74,7 +93,9 @@ def assert_correct(model, mode: str, policy: str, *, texts=TEXTS, tol: float = T
     expected = reference(model, texts, mode, policy, **kwargs)
     assert max_diff(batch, expected) <= tol, f"{mode}/{policy}: {max_diff(batch, expected):.2e} from the reference"
     for i, row in enumerate(alone):
-        assert max_diff(row, batch[i]) <= tol, f"{mode}/{policy}: text {i} alone differs by {max_diff(row, batch[i]):.2e}"
+        assert max_diff(row, batch[i]) <= tol, (
+            f"{mode}/{policy}: text {i} alone differs by {max_diff(row, batch[i]):.2e}"
+        )
     return batch
 
 
@@ -84,7 +105,10 @@ def assert_correct(model, mode: str, policy: str, *, texts=TEXTS, tol: float = T
 @pytest.fixture(scope="module")
 def bert(tiny_model_dir):
     """Tiny-BERT Transformer modules with a 4-token prompt-tuning adapter, one per padding side."""
-    return {side: add_prompt_learning(st_model(tiny_model_dir("bert"), padding_side=side), m=M)[0] for side in ("right", "left")}
+    return {
+        side: add_prompt_learning(st_model(tiny_model_dir("bert"), padding_side=side), m=M)[0]
+        for side in ("right", "left")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -158,25 +182,17 @@ def test_minilm_prompt_exclusion_lands_on_the_instruction(minilm, policy):
     assert_correct(with_head(minilm, "mean", include_prompt=False), "mean", policy, prompt=PROMPT)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "side", "policy"), MATRIX, ids=MATRIX_IDS)
 def test_every_pooling_mode_equals_reference_and_is_batch_invariant(bert, mode, side, policy):
     """Every Pooling mode, right- and left-padded, under every policy: equal to the reference and
     batch invariant (weightedmean + left padding + extend is the known limitation tested below)."""
-    if (mode, side, policy) == ("weightedmean", "left", "extend"):
-        pytest.xfail("known limitation: see test_known_limitation_weightedmean_left_padded_extend")
     assert_correct(with_head(bert[side], mode), mode, policy)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "side", "policy"), MATRIX, ids=MATRIX_IDS)
 def test_prompt_exclusion_lands_on_the_instruction_in_every_mode(bert, mode, side, policy):
     """include_prompt=False with prompt="query: ": every mode, both padding sides, every policy leaves
     the instruction tokens out and keeps (extend) or drops (ignore, strip) the virtual tokens."""
-    if (mode, side, policy) == ("weightedmean", "left", "extend"):
-        pytest.xfail("known limitation: see test_known_limitation_weightedmean_left_padded_extend")
     model = with_head(bert[side], mode, include_prompt=False)
     assert_correct(model, mode, policy, prompt=PROMPT)
 
@@ -342,7 +358,9 @@ def test_set_adapter_switches_m_at_call_time(tiny_model_dir, policy):
 @pytest.fixture(scope="module")
 def controls(tiny_model_dir):
     """kind -> a tiny-BERT model whose adapter adds no positions (prefix tuning, LoRA, none)."""
-    models = {kind: add_prompt_learning(st_model(tiny_model_dir("bert")), kind=kind, m=M) for kind in ("prefix", "lora")}
+    models = {
+        kind: add_prompt_learning(st_model(tiny_model_dir("bert")), kind=kind, m=M) for kind in ("prefix", "lora")
+    }
     models["none"] = st_model(tiny_model_dir("bert"))
     return models
 
@@ -537,6 +555,26 @@ def test_patching_the_transformer_module_alone_repairs_pooling(bert, policy):
             alone = encode(model, TEXTS[:1])
         assert max_diff(batch, reference(model, TEXTS, mode, policy)) <= TOL
         assert max_diff(alone[0], batch[0]) <= TOL
+
+
+def test_known_limitation_transformer_only_patch_leaves_pooling_prompt_exclusion_alone(bert):
+    """Known limitation, pinned: apply(model[0]) cannot reach the Pooling next to it, so under extend
+    Pooling(include_prompt=False) still zeroes the first prompt_length positions, which are virtual
+    tokens, instead of the instruction. ignore and strip need no Pooling hook; patching the whole
+    SentenceTransformer fixes extend (tested above)."""
+    model = with_head(bert["right"], "mean", include_prompt=False)
+    with maskpatch.patched(model[0], policy="extend"):
+        batch = encode(model, TEXTS, prompt=PROMPT)
+    features = model.preprocess(TEXTS, prompt=PROMPT)
+    tokens = peft_token_embeddings(model, features, position_ids=True)
+    mask = policy_mask(features["attention_mask"], M, "extend")
+    mask[:, : features["prompt_length"]] = 0  # what Pooling does: the first positions, i.e. virtual tokens
+    assert max_diff(batch, pool_by_hand(tokens, mask, "mean")) <= TOL
+    assert max_diff(batch, reference(model, TEXTS, "mean", "extend", prompt=PROMPT)) > 1e-2
+    for policy in ("ignore", "strip"):
+        with maskpatch.patched(model[0], policy=policy):
+            repaired = encode(model, TEXTS, prompt=PROMPT)
+        assert max_diff(repaired, reference(model, TEXTS, "mean", policy, prompt=PROMPT)) <= TOL
 
 
 def test_is_patched_sees_hooks_anywhere_in_the_model(bert):

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
-
-import maskpatch
 from conftest import TEXTS
 from helpers import (
     add_prompt_learning,
@@ -27,12 +24,24 @@ from helpers import (
     st_model,
     with_head,
 )
+from torch import Tensor
+
+import maskpatch
 from maskpatch import POLICIES
 from maskpatch.hooks import MaskpatchHook, PositionIdsHook
 
 M = 4
 TOL = 1e-5
 PROMPT = "query: "
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Run this module's tiny models on one thread: two threads contend on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:

@@ -15,6 +15,7 @@ projection, a ``MultiVectorMask`` with a punctuation skiplist and query expansio
 
 from __future__ import annotations
 
+import copy
 import string
 import warnings
 
@@ -103,7 +104,7 @@ def vectors_by_hand(model, texts: list[str], task: str, policy: str) -> list[Ten
 
 def max_abs_diff(a: list[Tensor], b: list[Tensor]) -> float:
     assert [x.shape for x in a] == [y.shape for y in b]
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    return max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,38 @@ def test_prefix_tuning_multi_vector_is_bit_identical(bert_dir, task):
     with maskpatch.patched(model, policy="extend"):
         during = encode(model, texts, task)
     assert all(torch.equal(x, y) for x, y in zip(before, during, strict=True))
+
+
+@pytest.mark.parametrize("policy", ["extend", "ignore"])
+def test_allowlist_restricts_the_real_tokens_and_the_policy_decides_the_virtual_ones(bert_dir, policy):
+    """keep_only_token_ids keeps only listed real tokens (documents); virtual tokens follow the policy."""
+    model = multi_vector_encoder(bert_dir)
+    keep = model.tokenizer.convert_tokens_to_ids(["paris", "france", "hi"])
+    model[2].keep_only_token_ids = keep
+    features = model.preprocess(DOCUMENTS, task="document")
+    tokens = peft_token_embeddings(model, features, position_ids=True)
+    with torch.no_grad():
+        tokens = tokens @ model[1].linear.weight.T
+    ids, mask = features["input_ids"], features["attention_mask"].bool()
+    scored = mask & ~torch.isin(ids, skiplist_ids(model)) & torch.isin(ids, torch.tensor(keep))
+    scored = torch.cat([torch.full((len(DOCUMENTS), M), policy == "extend"), scored], dim=1)
+    expected = [F.normalize(t[s], dim=-1) for t, s in zip(tokens, scored)]
+
+    with maskpatch.patched(model, policy=policy):
+        batch = encode(model, DOCUMENTS, "document")
+    assert max_abs_diff(batch, expected) <= TOL
+    virtual = M if policy == "extend" else 0
+    assert [len(v) for v in batch] == [2 + virtual, 1 + virtual, virtual]  # paris france / hi / nothing listed
+
+
+def test_a_deep_copy_of_the_patched_encoder_stays_patched(bert_dir):
+    """The MultiVectorMask hooks are plain objects: a deepcopy encodes like the original (and is unpatched apart)."""
+    model = multi_vector_encoder(bert_dir)
+    handle = maskpatch.apply(model, policy="extend")
+    clone = copy.deepcopy(model)
+    handle.remove()
+    assert maskpatch.is_patched(clone) and not maskpatch.is_patched(model)
+    expected = vectors_by_hand(model, DOCUMENTS, "document", "extend")
+    assert max_abs_diff(encode(clone, DOCUMENTS, "document"), expected) <= TOL
+    with pytest.raises(IndexError):
+        encode(model, DOCUMENTS, "document")

@@ -261,19 +261,6 @@ def test_auto_enable_patches_every_model_created(tiny_model_dir):
     assert out["removed"] is False
 
 
-def test_policy_and_disabled_adapters_come_from_the_environment(tiny_model_dir):
-    """MASKPATCH_POLICY=strip reaches every install; MASKPATCH_DISABLED_ADAPTERS=peft leaves bare PeftModels alone."""
-    out = run_model_probe(
-        tiny_model_dir, "strip", MASKPATCH_POLICY="strip", MASKPATCH_DISABLED_ADAPTERS=" peft , "
-    )
-    for case in ("st_then_peft", "peft_then_st"):
-        assert out[case]["batch"] <= 1e-5 and out[case]["ref"] <= 1e-5, (case, out[case])
-    assert out["st_patched"] is True
-    assert out["bare_pm_patched"] is False
-    assert out["lone_pm_adapters"] == []
-    assert out["bare_positions"][0] == out["bare_positions"][1] + 4  # unpatched: N + M
-
-
 # --- strict mode ------------------------------------------------------------------------------
 
 PEFT_PROBE = """
@@ -296,33 +283,44 @@ print(json.dumps({"patched": maskpatch.is_patched(pm),
 """
 
 
-def test_unknown_disabled_adapter_warns_once_and_patches_nothing(tiny_model_dir):
-    """A name no adapter has is a bad value: one warning when peft is imported, and no model is patched."""
-    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_DISABLED_ADAPTERS="sentence-transformers,nope")
-    result = run_python(PEFT_PROBE, tiny_model_dir("bert"), env=env)
+@pytest.fixture
+def stand_in_peft(tmp_path) -> str:
+    """A folder with an empty module called ``peft``: importing it fires the post-import hooks like
+    the real library does, in a fraction of the time (the import itself is what is tested)."""
+    (tmp_path / "peft.py").write_text("")
+    return str(tmp_path)
+
+
+def test_unknown_disabled_adapter_warns_once_and_patches_nothing(stand_in_peft):
+    """A name no adapter has is a bad value: one warning when the library is imported, and auto-enable stays off."""
+    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_DISABLED_ADAPTERS="sentence-transformers,nope", PYTHONPATH=stand_in_peft)
+    code = "import peft\nfrom maskpatch import autoenable\nprint(autoenable.is_enabled())"
+    result = run_python(code, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert last_json(result.stdout)["patched"] is False
-    lines = [line for line in result.stderr.splitlines() if "'nope'" in line]
-    assert len(lines) == 1 and "auto-enable failed" in lines[0], result.stderr[-3000:]
+    assert result.stdout.strip() == "False"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "'nope'" in lines[0] and "auto-enable failed" in lines[0], result.stderr[-3000:]
 
 
-def test_strict_unknown_disabled_adapter_fails_the_import(tiny_model_dir):
-    """Under MASKPATCH_STRICT=1 the same bad value raises PolicyError from `import peft`."""
-    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_STRICT="1", MASKPATCH_DISABLED_ADAPTERS="nope")
-    result = run_python(PEFT_PROBE, tiny_model_dir("bert"), env=env)
+def test_strict_unknown_disabled_adapter_fails_the_import(stand_in_peft):
+    """Under MASKPATCH_STRICT=1 a name no adapter has raises PolicyError from `import peft`."""
+    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_STRICT="1", MASKPATCH_DISABLED_ADAPTERS="nope", PYTHONPATH=stand_in_peft)
+    result = run_python("import peft", env=env)
     assert result.returncode != 0
     assert "PolicyError" in result.stderr and "'nope'" in result.stderr
 
 
-def test_strict_bad_value_starts_the_interpreter_but_fails_the_library_import():
+def test_strict_bad_value_starts_the_interpreter_but_fails_the_library_import(stand_in_peft):
     """STRICT=1 with a bad value: `python -c` still works (one warning); importing peft raises PolicyError."""
-    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_STRICT="1", MASKPATCH_POLICY="banana")
+    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_STRICT="1", MASKPATCH_POLICY="banana", PYTHONPATH=stand_in_peft)
     started = run_python("print('ok')", env=env)
     assert started.returncode == 0 and started.stdout.strip() == "ok"
     assert len(started.stderr.strip().splitlines()) == 1
     imported = run_python("import peft", env=env)
     assert imported.returncode != 0
     assert "PolicyError" in imported.stderr and "MASKPATCH_POLICY='banana'" in imported.stderr
+    relaxed = run_python("import peft", env={**env, "MASKPATCH_STRICT": "0"})
+    assert relaxed.returncode == 0, relaxed.stderr
 
 
 @pytest.mark.parametrize("strict", ["0", "1"])
@@ -372,34 +370,45 @@ def venv_without_pth(tmp_path_factory) -> Path:
     return python
 
 
-def test_launcher_works_without_the_pth_and_chains_the_users_sitecustomize(venv_without_pth, tmp_path, tiny_model_dir):
-    """`maskpatch run` patches models in an interpreter that never reads maskpatch_auto.pth, and runs the user's sitecustomize."""
+def test_launcher_works_without_the_pth_with_policy_and_disabled_adapters(venv_without_pth, tmp_path, tiny_model_dir):
+    """`maskpatch run` in an interpreter that never reads maskpatch_auto.pth: models are patched with
+    MASKPATCH_POLICY's policy, MASKPATCH_DISABLED_ADAPTERS is honoured, the user's sitecustomize still runs."""
     python = str(venv_without_pth)
     user = tmp_path / "user"
     user.mkdir()
     (user / "sitecustomize.py").write_text("import os\nos.environ['USER_SITECUSTOMIZE_RAN'] = 'yes'\n")
-    env = clean_env(PYTHONPATH=str(user))
+    env = clean_env(PYTHONPATH=str(user), MASKPATCH_POLICY="strip", MASKPATCH_DISABLED_ADAPTERS=" peft , ")
     # Control: in that venv MASKPATCH_AUTO=1 alone does nothing (the .pth is not read there).
     control = run_python(START_PROBE, env={**env, "MASKPATCH_AUTO": "1"}, python=python)
     assert control.returncode == 0 and last_json(control.stdout)["patching"] is False
-    code = """
-    import json, os, sys, warnings
-    warnings.simplefilter("ignore")
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules.transformer import Transformer
-    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
-    import maskpatch
-    t = Transformer(sys.argv[1])
-    model = SentenceTransformer(modules=[t, Pooling(t.get_embedding_dimension())], device="cpu")
-    print(json.dumps({"patched": maskpatch.is_patched(model), "user": os.environ.get("USER_SITECUSTOMIZE_RAN"),
-                      "policy": os.environ.get("MASKPATCH_POLICY")}))
-    """
+    probe = MODEL_PROBE.replace("print(json.dumps(out))", "out['user'] = os.environ.get('USER_SITECUSTOMIZE_RAN')\nprint(json.dumps(out))")
     result = subprocess.run(
-        [console_script(), "run", "--policy", "ignore", "--", python, "-c", textwrap.dedent(code), tiny_model_dir("bert")],
+        [console_script(), "run", "--", python, "-c", "import os\n" + probe, tiny_model_dir("bert"), str(TESTS), "strip"],
         capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert last_json(result.stdout) == {"patched": True, "user": "yes", "policy": "ignore"}
+    out = last_json(result.stdout)
+    assert out["user"] == "yes"
+    assert out["st_patched"] is True
+    for case in ("st_then_peft", "peft_then_st"):  # strip: the reference pools the real tokens only
+        assert out[case]["batch"] <= 1e-5 and out[case]["ref"] <= 1e-5, (case, out[case])
+    assert out["bare_pm_patched"] is False  # the peft adapter is disabled
+    assert out["lone_pm_adapters"] == []
+    assert out["bare_positions"][0] == out["bare_positions"][1] + 4
+
+
+def test_launcher_options_set_the_variables():
+    """--policy, --strict and --disable-adapters reach the command's environment and its auto-enable."""
+    code = START_PROBE + "s = sys.modules['_maskpatch_bootstrap']._settings\n" \
+        "print(json.dumps([s.policy, s.strict, sorted(s.disabled_adapters)]))\n"
+    result = subprocess.run(
+        [console_script(), "run", "--policy", "ignore", "--strict", "--disable-adapters", "peft,x", "--",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, env=clean_env(), timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["patching"] is True
+    assert json.loads(result.stdout.splitlines()[1]) == ["ignore", True, ["peft", "x"]]
 
 
 def test_launcher_with_pth_starts_once_and_reports_bad_values_once():

@@ -17,6 +17,7 @@ def _shares_storage(view: torch.Tensor, base: torch.Tensor) -> bool:
     """True when ``view`` is a view: no copy, the same memory as ``base``."""
     return view._is_view() and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
 
+
 # --- policies -------------------------------------------------------------------------------
 
 
@@ -182,7 +183,9 @@ def _features() -> dict:
 def test_repair_features_never_mutates_the_callers_dict_or_tensors(policy):
     """repair_features returns a new dict; the caller's keys, tensor objects and values are unchanged."""
     features = _features()
-    snapshot = {k: (v, v.clone() if isinstance(v, torch.Tensor) else tuple(t.clone() for t in v)) for k, v in features.items()}
+    snapshot = {
+        k: (v, v.clone() if isinstance(v, torch.Tensor) else tuple(t.clone() for t in v)) for k, v in features.items()
+    }
     repaired = repair_features(features, "token_embeddings", 2, policy)
     assert repaired is not features
     assert set(features) == set(snapshot)
