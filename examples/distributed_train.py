@@ -76,11 +76,16 @@ def prompt_parameters(model) -> torch.Tensor:
 
 
 def pair_loss(model, loss) -> float:
-    """MultipleNegativesRankingLoss over all training pairs in one batch, without gradients."""
+    """MultipleNegativesRankingLoss over all training pairs in one batch, in eval mode (no dropout)."""
     anchors = model.preprocess([a for a, _ in PAIRS])
     positives = model.preprocess([p for _, p in PAIRS])
-    with torch.no_grad():
-        return float(loss([anchors, positives], torch.zeros(len(PAIRS))))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(loss([anchors, positives], torch.zeros(len(PAIRS))))
+    finally:
+        model.train(training)
 
 
 def batch_gap(model) -> float:

@@ -20,7 +20,14 @@ from torch import nn
 from .drift import Policy, positions_from_mask
 from .layout import active_layout, is_peft_model
 
-__all__ = ["InstallRecord", "MaskpatchHook", "PositionIdsHook", "ensure_position_hook"]
+__all__ = [
+    "InstallRecord",
+    "MaskpatchHook",
+    "PositionIdsHook",
+    "accepts_position_ids",
+    "ensure_position_hook",
+    "has_position_hook",
+]
 
 
 class InstallRecord:
@@ -118,6 +125,11 @@ def _names_position_ids(func: Callable[..., Any]) -> bool:
         return False
 
 
+def has_position_hook(module: nn.Module) -> bool:
+    """Return whether ``module`` already carries a :class:`PositionIdsHook` (of any install)."""
+    return any(isinstance(h, PositionIdsHook) for h in module._forward_pre_hooks.values())
+
+
 def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:
     """Register a :class:`PositionIdsHook` on ``peft_model.base_model`` unless one is there.
 
@@ -127,7 +139,7 @@ def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:
     if not is_peft_model(peft_model):
         return False
     base = peft_model.base_model
-    if any(isinstance(h, PositionIdsHook) for h in base._forward_pre_hooks.values()):
+    if has_position_hook(base):
         return True
     if not accepts_position_ids(base):
         return False

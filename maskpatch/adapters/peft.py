@@ -479,7 +479,13 @@ def _disable_adapter_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...],
 
 
 def _needs_generation_stub(peft_model: Any) -> bool:
-    patched = any(isinstance(h, PeftCallHook) for h in peft_model._forward_pre_hooks.values())
+    # Patched by this adapter (a hook on the PeftModel) or by the sentence-transformers one (a
+    # position hook on its base model).
+    patched = any(
+        isinstance(h, MaskpatchHook)
+        for module in (peft_model, peft_model.base_model)
+        for h in module._forward_pre_hooks.values()
+    )
     return (
         patched
         and peft_model.peft_config[peft_model.active_adapter].is_prompt_learning

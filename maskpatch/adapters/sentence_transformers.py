@@ -25,8 +25,16 @@ from ..drift import check_excess
 from ..errors import DriftError
 from ..features import copy_features, exclude_leading_tokens, repair_features
 from ..handle import HookSpec
-from ..hooks import InstallRecord, MaskpatchHook, ensure_position_hook
-from ..layout import active_layout
+from ..hooks import (
+    InstallRecord,
+    MaskpatchHook,
+    PositionIdsHook,
+    accepts_position_ids,
+    ensure_position_hook,
+    has_position_hook,
+)
+from ..layout import active_layout, is_peft_model
+from .peft import ensure_disable_adapter_wrapper
 from .st_consumers import consumer_specs
 
 __all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
@@ -61,11 +69,24 @@ class SentenceTransformersAdapter:
             if isinstance(module, transformer_cls):
                 specs.append(HookSpec(module, TransformerPositionHook(record)))
                 specs.append(HookSpec(module, TransformerOutputHook(record)))
+                specs.extend(_position_specs(getattr(module, "model", None), record))
             elif isinstance(module, pooling_cls) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
             # Consumers that read N-column keys besides the mask (MultiVectorMask): see st_consumers.
             specs.extend(consumer_specs(module, record))
         return specs
+
+
+def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
+    """The position hook for a PEFT model already inside the Transformer (later ones: lazily)."""
+    if not is_peft_model(inner):
+        return []
+    # PEFT's disable_adapter() crashes on encoders without generation support; see adapters.peft.
+    ensure_disable_adapter_wrapper()
+    base = inner.base_model  # type: ignore[attr-defined]
+    if has_position_hook(base) or not accepts_position_ids(base):
+        return []
+    return [HookSpec(base, PositionIdsHook(record, inner))]
 
 
 class TransformerPositionHook(MaskpatchHook):

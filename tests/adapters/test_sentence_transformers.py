@@ -31,6 +31,7 @@ from helpers import (
 from torch import Tensor
 
 import maskpatch
+from maskpatch.adapters.peft import _generation_unsupported
 from maskpatch import POLICIES, DriftError
 
 MODES = ["mean", "max", "cls", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
@@ -403,6 +404,28 @@ def test_disabled_adapter_is_bit_identical_to_the_unpatched_model(bert, monkeypa
         assert torch.equal(after[key], before[key]), key
     assert enabled["token_embeddings"].shape[1] != before["token_embeddings"].shape[1] or policy == "strip"
     assert not torch.equal(enabled["sentence_embedding"], before["sentence_embedding"])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_disable_adapter_works_on_a_patched_encoder_and_gives_the_base_model(bert, minilm_dir, policy):
+    """Under maskpatch, disable_adapter() on a BERT encoder runs (PEFT alone crashes there) and gives
+    the plain base model's embeddings bit for bit; nothing is left on the base model afterwards."""
+    model = with_head(bert["right"])
+    pm = model[0].model
+    features = model.preprocess(TEXTS)
+    with pytest.raises(Exception):  # upstream today: no prepare_inputs_for_generation on BertModel
+        with pm.disable_adapter():
+            pass
+    with torch.no_grad():
+        plain = pm.base_model  # the same weights, called without PEFT
+        expected = plain(**{k: features[k] for k in ("input_ids", "attention_mask")}).last_hidden_state
+        with maskpatch.patched(model, policy=policy):
+            with pm.disable_adapter():
+                out = model(dict(features))
+    assert torch.equal(out["token_embeddings"], expected)
+    # maskpatch's stand-in is gone from both (PEFT itself leaves instance attributes on pm).
+    assert "prepare_inputs_for_generation" not in vars(pm.base_model)
+    assert vars(pm).get("prepare_inputs_for_generation") is not _generation_unsupported
 
 
 # --- drift that cannot be explained ---------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Interpreter start-up cost of installing maskpatch: ``python -c pass``, many times, interleaved.
+
+Builds (in a temporary folder, from this interpreter's base Python) two venvs that differ only in
+maskpatch: both get wrapt (the one dependency the start-up bootstrap imports); one also gets a
+regular maskpatch wheel, with its ``maskpatch_auto.pth``. Then it times ``python -c pass`` in
+rounds, one run of each variant per round in a shuffled order, and prints the median (and the 10th
+and 90th percentiles) of each variant and the ratios of the medians:
+
+* not installed;
+* installed, ``MASKPATCH_AUTO`` unset (what every Python process in the environment pays);
+* installed, ``MASKPATCH_AUTO=1`` (start-up with the post-import hooks registered: the bootstrap
+  and wrapt are imported, torch is not);
+* for reference, this development environment (editable install) with the variable unset and set.
+
+Usage: ``python benchmarks/startup.py [--runs 200] [--wheel dist/maskpatch-*.whl]``. It prints
+numbers and asserts nothing; it is not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=200, help="runs of each variant (default 200)")
+    parser.add_argument("--wheel", type=Path, default=None, help="a built maskpatch wheel (default: build one)")
+    return parser.parse_args()
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True)
+
+
+def make_venv(folder: Path, *wheels: Path) -> str:
+    """A venv (no pip) of the base interpreter with ``wheels`` installed; return its python."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(folder)], check=True)
+    python = str(folder / "bin" / "python")
+    pip("--python", python, "install", "--no-deps", "--no-index", "-q", *map(str, wheels))
+    return python
+
+
+def build_wheels(out: Path, wheel: Path | None) -> tuple[Path, Path]:
+    """Return (the maskpatch wheel, the wrapt wheel of this environment's version)."""
+    import wrapt
+
+    pip("download", "--no-deps", "-q", "-d", str(out), f"wrapt=={wrapt.__version__}")
+    if wheel is None:
+        pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT))
+        wheel = next(out.glob("maskpatch-*.whl"))
+    return wheel, next(out.glob("wrapt-*.whl"))
+
+
+def time_once(python: str, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run([python, "-c", "pass"], env=env, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKPATCH_") and k != "PYTHONPATH"}
+    auto = {**env, "MASKPATCH_AUTO": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        wheel, wrapt_wheel = build_wheels(folder / "wheels", args.wheel)
+        without = make_venv(folder / "without", wrapt_wheel)
+        with_ = make_venv(folder / "with", wrapt_wheel, wheel)
+        variants = {
+            "not installed": (without, env),
+            "installed, MASKPATCH_AUTO unset": (with_, env),
+            "installed, MASKPATCH_AUTO=1": (with_, auto),
+            "dev .venv (editable), unset": (sys.executable, env),
+            "dev .venv (editable), MASKPATCH_AUTO=1": (sys.executable, auto),
+        }
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for python, variant_env in variants.values():  # warm the file cache and .pyc files
+            time_once(python, variant_env)
+        order = list(variants)
+        for _ in range(args.runs):
+            random.shuffle(order)
+            for name in order:
+                times[name].append(time_once(*variants[name]))
+    report(times, args.runs)
+
+
+def report(times: dict[str, list[float]], runs: int) -> None:
+    print(f"python -c pass, {runs} runs each, interleaved; {platform.python_implementation()} "
+          f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"{'variant':42} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}")
+    medians = {}
+    for name, values in times.items():
+        values = sorted(values)
+        medians[name] = statistics.median(values)
+        p10, p90 = values[len(values) // 10], values[(9 * len(values)) // 10]
+        print(f"{name:42} {medians[name] * 1e3:10.2f} {p10 * 1e3:8.2f} {p90 * 1e3:8.2f}")
+    base = medians["not installed"]
+    print(f"ratio installed (unset) / not installed: {medians['installed, MASKPATCH_AUTO unset'] / base:.3f}")
+    print(f"ratio installed (MASKPATCH_AUTO=1) / not installed: {medians['installed, MASKPATCH_AUTO=1'] / base:.3f}")
+    dev_unset = medians["dev .venv (editable), unset"]
+    print(f"ratio dev .venv MASKPATCH_AUTO=1 / unset: {medians['dev .venv (editable), MASKPATCH_AUTO=1'] / dev_unset:.3f}")
+
+
+if __name__ == "__main__":
+    main()
