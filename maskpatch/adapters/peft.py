@@ -50,6 +50,7 @@ from ..conventions import MaskConvention
 from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record
+from .generic import installed_count, prepended_mask
 from ..hooks import InstallRecord, MaskpatchHook, PositionIdsHook, accepts_position_ids
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids, shift_span_positions
@@ -408,7 +409,8 @@ def output_mask(
 ) -> Tensor:
     """Return the mask (in ``convention``, ``ONES`` by default: 1 attends) that lines up with ``model``'s outputs now.
 
-    ``model`` is a PeftModel patched by :func:`maskpatch.apply` (or a model holding one), and
+    ``model`` is a model patched by :func:`maskpatch.apply`: a PeftModel, a model holding one (a
+    SentenceTransformer), or a module patched with ``prepended_tokens=M``; and
     ``attention_mask`` the caller's ``(B, N)`` mask. While the active adapter prepends ``M``
     virtual tokens, under ``extend`` the result has ``M`` leading attending entries and under
     ``ignore`` ``M`` non-attending ones (``(B, M + N)``, like the outputs); under ``strip``, and
@@ -419,6 +421,8 @@ def output_mask(
 
     Raises :class:`UnsupportedModelError` when ``model`` is not patched.
     """
+    if isinstance(model, nn.Module) and installed_count(model) is not None:
+        return prepended_mask(model, attention_mask, convention=convention)  # a prepended_tokens install
     record = find_record(model) if isinstance(model, nn.Module) else None
     if record is None:
         raise UnsupportedModelError(

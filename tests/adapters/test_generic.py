@@ -217,3 +217,13 @@ def test_remove_is_exact_and_copies_stay_patched():
     assert set(module.__dict__) == state_before
     assert module.forward == forward_before
     assert run(module).shape[1] == M + IDS.shape[1]
+
+
+@pytest.mark.parametrize("policy", maskpatch.POLICIES)
+def test_output_mask_is_the_one_helper_for_a_prepended_tokens_install(policy):
+    """maskpatch.output_mask gives the same mask as prepended_mask on a prepended_tokens install."""
+    module = MemoryEncoder()
+    with maskpatch.patched(module, policy=policy, prepended_tokens=M):
+        got = maskpatch.output_mask(module, MASK)
+        assert torch.equal(got, maskpatch.prepended_mask(module, MASK))
+    assert got.shape[1] == MASK.shape[1] + (0 if policy == "strip" else M)
