@@ -1,10 +1,14 @@
-"""Start maskpatch's auto-enable at interpreter start, without importing maskpatch or torch.
+"""Start maskpatch's auto-enable at interpreter start, without importing maskpatch, torch or wrapt.
 
 Two things call :func:`start`: the one line of ``maskpatch_auto.pth`` (only when
 ``MASKPATCH_AUTO`` is in the environment) and the ``sitecustomize`` that ``maskpatch run`` puts
-first on ``PYTHONPATH``. It reads the environment with :mod:`maskpatch.constants` (loaded on its
-own, standard library only) and, when auto-enable is on, registers post-import hooks on
-sentence-transformers and peft; :mod:`maskpatch.autoenable` is imported only when one of them is.
+first on ``PYTHONPATH``. :func:`start` reads the environment with :mod:`maskpatch.constants`
+(loaded on its own: standard library only) and, when auto-enable is on, puts a small finder first
+on ``sys.meta_path``. The first time ``sentence_transformers`` or ``peft`` is looked up, that
+finder takes itself off, registers wrapt post-import hooks (``wrapt.register_post_import_hook``)
+on both libraries and hands the lookup to wrapt's finder. When a library has been imported, its
+hook imports :mod:`maskpatch.autoenable`, which wraps the library's model constructors. A process
+that never imports either library never imports wrapt, torch or maskpatch.
 
 :func:`start` never raises: an exception here would be printed by ``site`` for every Python
 process in the environment. A bad value gives one warning and no patching.
@@ -12,20 +16,26 @@ process in the environment. A bad value gives one warning and no patching.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 from types import ModuleType
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at start-up; only type checkers need it here
+    from importlib.machinery import ModuleSpec
+    from typing import Any
 
 __all__ = ["start"]
 
 _started = False
 _enabled = False
 _settings: Any = None  # the AutoSettings read at start; Any: its class is loaded on its own
+_libraries: tuple[str, ...] = ()
 
 
 def start() -> None:
-    """Read the environment once and register the post-import hooks it asks for; never raises."""
+    """Read the environment once and prepare the post-import hooks it asks for; never raises."""
     global _started
     if _started:
         return
@@ -37,20 +47,58 @@ def start() -> None:
 
 
 def _start() -> None:
-    global _settings
+    global _settings, _libraries
     constants = _load_constants()
     settings = constants.read_settings(os.environ)
-    _settings = settings
+    _settings, _libraries = settings, tuple(constants.INSTRUMENTED_MODULES)
     if settings.problems:
         _warn(settings.describe_problems())
         if not settings.strict:
-            return
+            return  # under MASKPATCH_STRICT the hooks go in, to fail the libraries' import
     elif not settings.enabled:
         return
-    from wrapt import register_post_import_hook
+    if any(name in sys.modules for name in _libraries):
+        _register_hooks()
+    else:
+        sys.meta_path.insert(0, _FirstLookup())
 
-    for name in constants.INSTRUMENTED_MODULES:
+
+class _FirstLookup:
+    """Meta-path finder that registers the wrapt post-import hooks when a library is first looked up."""
+
+    _lock = _thread.allocate_lock()
+    _wrapt_finder: Any = None
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        if fullname not in _libraries:
+            return None
+        with self._lock:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+                type(self)._wrapt_finder = _register_hooks_safely()
+        # wrapt's finder went in while this lookup was already past the start of sys.meta_path:
+        # hand the lookup to it, so that this very import runs the hook.
+        finder = self._wrapt_finder
+        return None if finder is None else finder.find_spec(fullname, path, target)
+
+
+def _register_hooks_safely() -> Any:
+    """Register the hooks; return wrapt's finder, or None (after one warning) if that failed."""
+    try:
+        return _register_hooks()
+    except Exception as exc:
+        if _settings.strict:
+            raise
+        _warn(f"maskpatch: auto-enable could not start ({type(exc).__name__}: {exc}); no model will be patched.")
+        return None
+
+
+def _register_hooks() -> Any:
+    from wrapt.importer import ImportHookFinder, register_post_import_hook
+
+    for name in _libraries:
         register_post_import_hook(_on_import, name)
+    return next((f for f in sys.meta_path if isinstance(f, ImportHookFinder)), None)
 
 
 def _on_import(module: ModuleType) -> None:
@@ -79,22 +127,25 @@ def _on_import(module: ModuleType) -> None:
 
 
 def _load_constants() -> ModuleType:
-    """Load ``maskpatch/constants.py`` on its own: importing the package would import torch."""
-    loaded = sys.modules.get("maskpatch.constants")
+    """Load ``maskpatch/constants.py`` on its own: importing the package would import torch.
+
+    The bootstrap module sits next to the ``maskpatch`` folder (in site-packages, or at the root
+    of the source tree for an editable install); ``importlib.util`` would cost an import here.
+    """
+    loaded = sys.modules.get("maskpatch.constants") or sys.modules.get("_maskpatch_constants")
     if loaded is not None:
         return loaded
-    from importlib.util import find_spec, module_from_spec, spec_from_file_location
+    from importlib.machinery import ModuleSpec, SourceFileLoader
 
-    package = find_spec("maskpatch")
-    if package is None or not package.submodule_search_locations:
-        raise ImportError("maskpatch is not installed in this interpreter")
-    path = os.path.join(list(package.submodule_search_locations)[0], "constants.py")
-    spec = spec_from_file_location("_maskpatch_constants", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses looks its module up there
-    spec.loader.exec_module(module)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maskpatch", "constants.py")
+    if not os.path.isfile(path):
+        raise ImportError(f"maskpatch is not installed next to {__file__} (no {path})")
+    loader = SourceFileLoader("_maskpatch_constants", path)
+    module = ModuleType(loader.name)
+    module.__spec__ = ModuleSpec(loader.name, loader, origin=path)
+    module.__file__, module.__loader__ = path, loader
+    sys.modules[loader.name] = module
+    loader.exec_module(module)
     return module
 
 

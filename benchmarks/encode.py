@@ -38,7 +38,7 @@ import time
 import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,6 @@ class Config:
     min_sample_s: float
     hook_iters: int
     memory_batch: int
-    results: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +266,7 @@ def capture(model: Any, batch: list[str]) -> Captured:
     h2 = model[0].model.base_model.register_forward_pre_hook(on_base, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(dict(model.tokenize(batch)))
+            model(dict(model.preprocess(batch)))
     finally:
         h1.remove()
         h2.remove()
@@ -325,9 +324,11 @@ def run_hook_alone(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
         for policy in POLICIES:
             with maskpatch.patched(model, policy=policy):
                 with torch.no_grad():
-                    model(dict(model.tokenize(texts("short", 2))))  # the lazy position hook goes in
-                parts = {name: per_call_us(fn, cfg.hook_iters) for name, fn in hook_calls(model, seen)}
-            parts = {k: v - (loop if k == "TransformerOutputHook" else 0.0) for k, v in parts.items()}
+                    model(dict(model.preprocess(texts("short", 2))))  # warm: every hook in place
+                parts: dict[str, float] = {}
+                for name, fn in hook_calls(model, seen):
+                    copied = loop if name == "TransformerOutputHook" else 0.0
+                    parts[name] = parts.get(name, 0.0) + per_call_us(fn, cfg.hook_iters) - copied
             rows.append({"m": m, "batch": size, "variant": f"maskpatch {policy}", "us": sum(parts.values()), "parts": parts})
     return rows
 
@@ -424,7 +425,7 @@ def run_startup(cfg: Config) -> str:
     script = ROOT / "benchmarks" / "startup.py"
     if not script.exists():
         return "benchmarks/startup.py is not there: start-up was not measured by this run."
-    args = [sys.executable, str(script)] + (["--quick"] if cfg.quick else [])
+    args = [sys.executable, str(script)] + (["--runs", "20"] if cfg.quick else [])
     done = subprocess.run(args, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         return f"benchmarks/startup.py failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
@@ -437,7 +438,7 @@ def run_startup(cfg: Config) -> str:
 
 
 def compile_features(model: Any, *, token_type_ids: bool) -> dict[str, torch.Tensor]:
-    features = dict(model.tokenize(texts("short", 4)))
+    features = dict(model.preprocess(texts("short", 4)))
     if not token_type_ids:
         features.pop("token_type_ids", None)
     return features
@@ -455,24 +456,43 @@ def explain(model: Any, features: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"graphs": result.graph_count, "breaks": result.graph_break_count, "reasons": reasons}
 
 
+#: How the model is called under explain: the features sentence-transformers passes (with
+#: token_type_ids, which PEFT drops with a warnings.warn that breaks the graph), the same with
+#: warnings.warn made reorderable (a torch._dynamo config), and features without token_type_ids.
+SETUPS = ("ST features", "ST features, warn reorderable", "no token_type_ids")
+
+
+@contextlib.contextmanager
+def setup(name: str) -> Iterator[None]:
+    """Apply the dynamo configuration of explain setup ``name`` for the body of the block."""
+    functions = torch._dynamo.config.reorderable_logging_functions
+    added = name.endswith("warn reorderable") and warnings.warn not in functions
+    if added:
+        functions.add(warnings.warn)
+    try:
+        yield
+    finally:
+        if added:
+            functions.discard(warnings.warn)
+
+
 def run_explain(model: Any, cfg: Config) -> list[dict[str, Any]]:
-    """Graph breaks of the unpatched model and of each policy, warm (one eager forward first) and cold."""
+    """Graphs and break reasons of the unpatched model and of each policy, cold and warm, per setup."""
     rows = []
-    for token_type_ids in (False,) if cfg.quick else (True, False):
-        features = compile_features(model, token_type_ids=token_type_ids)
-        base = explain(model, features)
-        rows.append({"token_type_ids": token_type_ids, "variant": "unpatched", "state": "-", **base})
-        for policy in POLICIES if not cfg.quick else ("extend",):
-            for state in ("cold", "warm"):
-                with maskpatch.patched(model, policy=policy):
-                    if state == "warm":
-                        with torch.no_grad():
-                            model(dict(features))
-                    found = explain(model, features)
-                new = sorted(set(found["reasons"]) - set(base["reasons"]))
-                rows.append(
-                    {"token_type_ids": token_type_ids, "variant": f"maskpatch {policy}", "state": state, **found, "new": new}
-                )
+    for name in SETUPS[-1:] if cfg.quick else SETUPS:
+        features = compile_features(model, token_type_ids=name != "no token_type_ids")
+        with setup(name):
+            base = explain(model, features)
+            rows.append({"setup": name, "variant": "unpatched", "state": "-", **base})
+            for policy in ("extend",) if cfg.quick else POLICIES:
+                for state in ("cold", "warm"):
+                    with maskpatch.patched(model, policy=policy):
+                        if state == "warm":
+                            with torch.no_grad():
+                                model(dict(features))
+                        found = explain(model, features)
+                    new = sorted(set(found["reasons"]) - set(base["reasons"]))
+                    rows.append({"setup": name, "variant": f"maskpatch {policy}", "state": state, **found, "new": new})
     torch._dynamo.reset()
     return rows
 
@@ -517,14 +537,16 @@ def run_compile(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
 def print_compile(explained: list[dict[str, Any]], compiled: list[dict[str, Any]]) -> None:
     print("\n## 5. torch.compile\n")
     print("graphs and breaks: torch._dynamo.explain (its break count is graphs - 1); break reasons: dynamo's")
-    print("graph_break counters. cold = the first forward after apply (maskpatch registers its position-id")
-    print("pre-hook lazily, in that forward); warm = after one eager forward. token_type_ids: sentence-")
-    print("transformers passes them for BERT, and PEFT warns about them (warnings.warn breaks the graph).\n")
+    print("graph_break counters. cold = the first forward right after apply; warm = after one eager")
+    print("forward (a position-id pre-hook that could not go in at apply time goes in then). Setups: 'ST features' =")
+    print("what sentence-transformers passes (token_type_ids, which PEFT drops with a warnings.warn that")
+    print("breaks the graph); 'warn reorderable' = the same with warnings.warn in dynamo's")
+    print("reorderable_logging_functions; 'no token_type_ids' = features without them.\n")
     table(
-        ["token_type_ids", "variant", "state", "graphs", "breaks", "new break reasons"],
+        ["setup", "variant", "state", "graphs", "breaks", "new break reasons"],
         [
             [
-                "yes" if r["token_type_ids"] else "no",
+                r["setup"],
                 r["variant"],
                 r["state"],
                 str(r["graphs"]),
@@ -534,19 +556,18 @@ def print_compile(explained: list[dict[str, Any]], compiled: list[dict[str, Any]
             for r in explained
         ],
     )
+    print()
     for r in explained:
         if r["variant"] == "unpatched":
-            tt = "with" if r["token_type_ids"] else "without"
-            print(f"\nbreak reasons of the unpatched model {tt} token_type_ids: {'; '.join(r['reasons']) or 'none'}")
+            print(f"break reasons of the unpatched model ({r['setup']}): {'; '.join(r['reasons']) or 'none'}")
     warm = [r for r in explained if r["state"] == "warm"]
     if warm:
         no_new = all(not r["new"] for r in warm)
         print(f"\ntarget: no new graph break reasons (warm): {verdict(no_new)}")
-        for tt in sorted({r["token_type_ids"] for r in explained}):
-            rows = [r for r in explained if r["token_type_ids"] == tt and r["state"] in ("-", "warm")]
+        for name in dict.fromkeys(r["setup"] for r in explained):
+            rows = [r for r in explained if r["setup"] == name and r["state"] in ("-", "warm")]
             same = all(r["graphs"] == rows[0]["graphs"] for r in rows)
-            label = "with" if tt else "without"
-            print(f"target: same graph count as unpatched (warm, {label} token_type_ids): {verdict(same)}")
+            print(f"target: same graph count as unpatched (warm, {name}): {verdict(same)}")
     print()
     table(
         ["variant", "backend", "compile s (first call)", "max |compiled - eager|"],
@@ -587,11 +608,25 @@ def machine() -> str:
     )
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def _words(text: str) -> tuple[str, ...]:
+    words = tuple(part.strip() for part in text.split(","))
+    if not set(words) <= {"short", "long"}:
+        raise argparse.ArgumentTypeError(f"expected short and/or long, but got {text!r}")
+    return words
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny subset (< 60 s), for CI")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 3)")
+    parser.add_argument("--ms", type=_ints, default=None, help="virtual-token counts, e.g. 8,32 (quick: 8)")
+    parser.add_argument("--batches", type=_ints, default=None, help="batch sizes, e.g. 1,32,128 (quick: 1,8)")
+    parser.add_argument("--lengths", type=_words, default=None, help="short,long (quick: short)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up section")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
@@ -610,9 +645,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(
         quick=args.quick,
         threads=args.threads,
-        ms=(8,) if args.quick else (8, 32),
-        batches=(1, 8) if args.quick else (1, 32, 128),
-        lengths=("short",) if args.quick else ("short", "long"),
+        ms=args.ms or ((8,) if args.quick else (8, 32)),
+        batches=args.batches or ((1, 8) if args.quick else (1, 32, 128)),
+        lengths=args.lengths or (("short",) if args.quick else ("short", "long")),
         rounds=args.rounds or (3 if args.quick else 5),
         min_sample_s=0.05 if args.quick else 0.3,
         hook_iters=300 if args.quick else 5000,

@@ -6,7 +6,7 @@ regular maskpatch wheel, with its ``maskpatch_auto.pth``. Then it times ``python
 rounds, one run of each variant per round in a shuffled order, and prints the median (and the 10th
 and 90th percentiles) of each variant and the ratios of the medians:
 
-* not installed;
+* not installed (twice: the second row shows the run-to-run noise);
 * installed, ``MASKPATCH_AUTO`` unset (what every Python process in the environment pays);
 * installed, ``MASKPATCH_AUTO=1`` (start-up with the post-import hooks registered: the bootstrap
   and wrapt are imported, torch is not);
@@ -54,11 +54,11 @@ def make_venv(folder: Path, *wheels: Path) -> str:
 
 def build_wheels(out: Path, wheel: Path | None) -> tuple[Path, Path]:
     """Return (the maskpatch wheel, the wrapt wheel of this environment's version)."""
-    import wrapt
+    from importlib.metadata import version
 
-    pip("download", "--no-deps", "-q", "-d", str(out), f"wrapt=={wrapt.__version__}")
+    pip("download", "--no-deps", "-q", "-d", str(out), f"wrapt=={version('wrapt')}")
     if wheel is None:
-        pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT))
+        pip("wheel", "--no-deps", "-q", "-w", str(out), str(ROOT))
         wheel = next(out.glob("maskpatch-*.whl"))
     return wheel, next(out.glob("wrapt-*.whl"))
 
@@ -80,6 +80,7 @@ def main() -> None:
         with_ = make_venv(folder / "with", wrapt_wheel, wheel)
         variants = {
             "not installed": (without, env),
+            "not installed, again (noise control)": (without, env),
             "installed, MASKPATCH_AUTO unset": (with_, env),
             "installed, MASKPATCH_AUTO=1": (with_, auto),
             "dev .venv (editable), unset": (sys.executable, env),
@@ -97,20 +98,26 @@ def main() -> None:
 
 
 def report(times: dict[str, list[float]], runs: int) -> None:
-    print(f"python -c pass, {runs} runs each, interleaved; {platform.python_implementation()} "
-          f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
+    print(
+        f"python -c pass, {runs} runs each, interleaved; {platform.python_implementation()} "
+        f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs"
+    )
     print(f"{'variant':42} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}")
     medians = {}
-    for name, values in times.items():
-        values = sorted(values)
+    for name, runs_of_variant in times.items():
+        values = sorted(runs_of_variant)
         medians[name] = statistics.median(values)
         p10, p90 = values[len(values) // 10], values[(9 * len(values)) // 10]
         print(f"{name:42} {medians[name] * 1e3:10.2f} {p10 * 1e3:8.2f} {p90 * 1e3:8.2f}")
     base = medians["not installed"]
+    noise = medians["not installed, again (noise control)"] / base
+    print(f"ratio not installed, again / not installed (noise): {noise:.3f}")
     print(f"ratio installed (unset) / not installed: {medians['installed, MASKPATCH_AUTO unset'] / base:.3f}")
     print(f"ratio installed (MASKPATCH_AUTO=1) / not installed: {medians['installed, MASKPATCH_AUTO=1'] / base:.3f}")
     dev_unset = medians["dev .venv (editable), unset"]
-    print(f"ratio dev .venv MASKPATCH_AUTO=1 / unset: {medians['dev .venv (editable), MASKPATCH_AUTO=1'] / dev_unset:.3f}")
+    print(
+        f"ratio dev .venv MASKPATCH_AUTO=1 / unset: {medians['dev .venv (editable), MASKPATCH_AUTO=1'] / dev_unset:.3f}"
+    )
 
 
 if __name__ == "__main__":

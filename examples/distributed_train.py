@@ -44,9 +44,15 @@ PROBE = ["hello world", "a considerably longer sentence, so that the first one g
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a local model folder (default: the bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--maskpatch", choices=("apply", "auto"), default="apply",
-                        help="apply: call maskpatch.apply here; auto: rely on MASKPATCH_AUTO=1 (no maskpatch call)")
-    parser.add_argument("--policy", choices=("extend", "ignore", "strip"), default="extend", help="with --maskpatch apply")
+    parser.add_argument(
+        "--maskpatch",
+        choices=("apply", "auto"),
+        default="apply",
+        help="apply: call maskpatch.apply here; auto: rely on MASKPATCH_AUTO=1 (no maskpatch call)",
+    )
+    parser.add_argument(
+        "--policy", choices=("extend", "ignore", "strip"), default="extend", help="with --maskpatch apply"
+    )
     parser.add_argument("--virtual-tokens", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4, help="per rank")

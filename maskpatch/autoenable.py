@@ -89,7 +89,9 @@ _STATE = _State()
 def enable(
     *, policy: Policy = "extend", strict: bool = False, disabled_adapters: Iterable[str] | str = ()
 ) -> AutoEnableConfig:
-    """Patch every sentence-transformers model and PEFT model created from now on; return the config.
+    """Patch every sentence-transformers model and prompt-learning PeftModel created from now on.
+
+    Returns the options in force.
 
     ``policy`` is the repair policy of every install. ``disabled_adapters`` names registered
     adapters (e.g. ``"sentence-transformers"``; a comma-separated string works too) whose models
@@ -103,9 +105,11 @@ def enable(
         _STATE.config = config
         register = not _STATE.hooks_registered
         _STATE.hooks_registered = True
-    if register:
-        for name in INSTRUMENTED_MODULES:
+    for name in INSTRUMENTED_MODULES:
+        if register:  # wrapt calls the hook at once for a library imported already
             wrapt.register_post_import_hook(instrument_module, name)
+        elif name in sys.modules:  # enabled again after disable(): the hooks have fired already
+            instrument_module(sys.modules[name])
     _log.debug("maskpatch auto-enable on: %s", config)
     return config
 

@@ -11,8 +11,9 @@ at interpreter start, without importing maskpatch or torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # imports cost time at interpreter start; only type checkers need this one
+    from collections.abc import Mapping
 
 __all__ = [
     "FALSE_VALUES",
@@ -58,19 +59,47 @@ INSTRUMENTED_MODULES = ("sentence_transformers", "peft")
 """The libraries whose import triggers auto-enable (through post-import hooks)."""
 
 
-@dataclass(frozen=True)
 class AutoSettings:
-    """What the environment asks of auto-enable, read by :func:`read_settings`.
+    """What the environment asks of auto-enable, read by :func:`read_settings` (immutable).
 
     ``problems`` lists every bad value, one sentence each. When it is not empty nothing is
-    patched (``patching`` is false), whatever the other fields say.
+    patched (``patching`` is false), whatever the other fields say. A plain class, not a
+    dataclass or namedtuple: their imports would cost milliseconds at interpreter start.
     """
 
-    enabled: bool = False
-    policy: str = "extend"
-    strict: bool = False
-    disabled_adapters: frozenset[str] = field(default_factory=frozenset)
-    problems: tuple[str, ...] = ()
+    __slots__ = ("enabled", "policy", "strict", "disabled_adapters", "problems")
+    enabled: bool
+    policy: str
+    strict: bool
+    disabled_adapters: frozenset[str]
+    problems: tuple[str, ...]
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = False,
+        policy: str = "extend",
+        strict: bool = False,
+        disabled_adapters: frozenset[str] = frozenset(),
+        problems: tuple[str, ...] = (),
+    ) -> None:
+        for name, value in zip(self.__slots__, (enabled, policy, strict, disabled_adapters, problems), strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"AutoSettings is immutable; cannot set {name!r}")
+
+    def _fields(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AutoSettings) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return "AutoSettings(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
 
     @property
     def patching(self) -> bool:
@@ -82,9 +111,7 @@ class AutoSettings:
         if not self.problems:
             return ""
         return (
-            "maskpatch: auto-enable is off in this process, no model will be patched: "
-            + "; ".join(self.problems)
-            + "."
+            "maskpatch: auto-enable is off in this process, no model will be patched: " + "; ".join(self.problems) + "."
         )
 
 

@@ -2,10 +2,11 @@
 
 Every test here starts this environment's own interpreter (``sys.executable``, the project's
 ``.venv``) or its ``maskpatch`` console script with ``MASKPATCH_*`` variables set, exactly as a user
-would; nothing calls maskpatch's start-up code in-process. Invariants protected:
+would; nothing calls maskpatch's start-up code in-process (one test covers the programmatic
+``autoenable.enable()``/``disable()`` in-process). Invariants protected:
 
 * with ``MASKPATCH_AUTO`` unset, the installed ``maskpatch_auto.pth`` imports nothing; set, it
-  imports neither torch nor maskpatch nor the libraries at start (post-import hooks only);
+  imports its bootstrap only (not wrapt, torch, maskpatch or the libraries) at start;
 * every bad value (and combination) gives exactly one warning and no patching, and the
   interpreter always starts, also under ``-W error`` and through ``maskpatch run``;
 * with ``MASKPATCH_AUTO=1`` every sentence-transformers model and prompt-learning PeftModel
@@ -14,7 +15,8 @@ would; nothing calls maskpatch's start-up code in-process. Invariants protected:
 * a PeftModel is never patched twice inside a sentence-transformers model, in either order;
 * ``MASKPATCH_STRICT=1`` turns problems into errors where the docs say, and only there;
 * ``maskpatch run`` works without the ``.pth`` and still runs the user's own ``sitecustomize``;
-* child processes inherit auto-enable; a regular (non-editable) wheel install ships the ``.pth``.
+* child processes inherit auto-enable; a regular (non-editable) wheel install ships the ``.pth``;
+* ``autoenable.disable()`` puts back the very same constructor objects.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from maskpatch import constants
+from maskpatch.handle import iter_hooks
 
 pytestmark = pytest.mark.slow
 
@@ -74,10 +77,19 @@ boot = sys.modules.get("_maskpatch_bootstrap")
 settings = getattr(boot, "_settings", None)
 print(json.dumps({
     "modules": sorted(m for m in sys.modules if m.split(".")[0] in
-                      ("torch", "maskpatch", "_maskpatch_bootstrap", "wrapt", "sentence_transformers", "peft", "transformers")),
+                      ("torch", "maskpatch", "_maskpatch_bootstrap", "wrapt", "sentence_transformers", "peft",
+                       "transformers")),
     "patching": bool(settings is not None and settings.patching),
 }))
 """
+
+
+def test_constants_agree_with_the_library():
+    """The policies MASKPATCH_POLICY accepts are the library's; the registry knows the adapters the docs name."""
+    import maskpatch  # noqa: PLC0415
+
+    assert tuple(maskpatch.POLICIES) == constants.POLICY_VALUES
+    assert {"sentence-transformers", "peft"} <= {a.name for a in maskpatch.registered_adapters()}
 
 
 def test_pth_is_installed_next_to_the_packages_with_one_import_line():
@@ -97,13 +109,13 @@ def test_unset_variable_imports_nothing_at_start():
     assert result.stderr == ""
 
 
-def test_set_variable_registers_hooks_without_importing_torch_or_the_libraries():
-    """MASKPATCH_AUTO=1 imports the bootstrap and wrapt only: torch and the libraries wait for their import."""
+def test_set_variable_imports_only_the_bootstrap_at_start():
+    """MASKPATCH_AUTO=1 imports the bootstrap alone: wrapt, torch, maskpatch and the libraries wait for their import."""
     result = run_python(START_PROBE, env=clean_env(MASKPATCH_AUTO="1"))
     assert result.returncode == 0, result.stderr
     found = last_json(result.stdout)
     assert found["patching"] is True
-    assert {m.split(".")[0] for m in found["modules"]} == {"_maskpatch_bootstrap", "wrapt"}
+    assert {m.split(".")[0] for m in found["modules"]} == {"_maskpatch_bootstrap"}
     assert result.stderr == ""
 
 
@@ -116,7 +128,10 @@ BAD_VALUES = [
     ({"MASKPATCH_AUTO": "1", "MASKPATCH_POLICY": "Extend please"}, ["MASKPATCH_POLICY"]),
     ({"MASKPATCH_AUTO": "1", "MASKPATCH_POLICY": "\u00e9tendre\u2603"}, ["MASKPATCH_POLICY"]),
     ({"MASKPATCH_AUTO": "1", "MASKPATCH_STRICT": "maybe"}, ["MASKPATCH_STRICT"]),
-    ({"MASKPATCH_AUTO": "1", "MASKPATCH_POLICY": "banana", "MASKPATCH_STRICT": "maybe"}, ["MASKPATCH_POLICY", "MASKPATCH_STRICT"]),
+    (
+        {"MASKPATCH_AUTO": "1", "MASKPATCH_POLICY": "banana", "MASKPATCH_STRICT": "maybe"},
+        ["MASKPATCH_POLICY", "MASKPATCH_STRICT"],
+    ),
     ({"MASKPATCH_AUTO": "1", "MASKPATCH_POLICY": "banana", "MASKPATCH_STRICT": "1"}, ["MASKPATCH_POLICY"]),
 ]
 
@@ -196,7 +211,8 @@ def check(model, policy):
     alone, batch = encode(model, TEXTS[:1]), encode(model, TEXTS)
     feats = model.tokenize(TEXTS)
     tokens = peft_token_embeddings(model, feats)
-    ref = pool_by_hand(tokens if policy != "strip" else tokens[:, M:], policy_mask(feats["attention_mask"], M, policy), "mean")
+    pooled = tokens if policy != "strip" else tokens[:, M:]
+    ref = pool_by_hand(pooled, policy_mask(feats["attention_mask"], M, policy), "mean")
     return {"batch": float((alone[0] - batch[0]).abs().max()), "ref": float((batch - ref).abs().max())}
 
 out = {"torch_at_start": torch_at_start}
@@ -225,7 +241,8 @@ with torch.no_grad():
     hidden = bare(**batch).last_hidden_state
 out["bare_pm_patched"] = maskpatch.is_patched(bare)
 out["bare_positions"] = [int(hidden.shape[1]), int(batch["attention_mask"].shape[1])]
-lora = get_peft_model(AutoModel.from_pretrained(path), LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=2, target_modules=["query"]))
+lora_config = LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, r=2, target_modules=["query"])
+lora = get_peft_model(AutoModel.from_pretrained(path), lora_config)
 out["lora_patched"] = maskpatch.is_patched(lora)
 
 # 4. the copy of a model is patched already: no second install, and remove() is complete
@@ -261,6 +278,32 @@ def test_auto_enable_patches_every_model_created(tiny_model_dir):
     assert out["removed"] is False
 
 
+def test_enable_and_disable_from_code_restore_the_constructors_exactly(tiny_model_dir):
+    """autoenable.enable() patches new models in this process; disable() puts back the very same __init__ objects."""
+    from helpers import st_model  # noqa: PLC0415
+    from peft import PeftModel, PeftModelForFeatureExtraction  # noqa: PLC0415
+    from sentence_transformers.base.model import BaseModel  # noqa: PLC0415
+
+    import maskpatch  # noqa: PLC0415
+    from maskpatch import autoenable  # noqa: PLC0415
+
+    classes = (BaseModel, PeftModel, PeftModelForFeatureExtraction)
+    before = [cls.__dict__["__init__"] for cls in classes]
+    assert not autoenable.is_enabled()
+    for _ in range(2):  # a second enable after disable works the same
+        try:
+            autoenable.enable(policy="strip")
+            assert all(cls.__dict__["__init__"] is not b for cls, b in zip(classes, before, strict=True))
+            model = st_model(tiny_model_dir("bert"))
+            assert maskpatch.is_patched(model)
+            assert {hook.record.policy for _, _, hook in iter_hooks(model)} == {"strip"}
+        finally:
+            autoenable.disable()
+        assert all(cls.__dict__["__init__"] is b for cls, b in zip(classes, before, strict=True))
+        assert not maskpatch.is_patched(st_model(tiny_model_dir("bert")))
+        assert maskpatch.is_patched(model)  # models patched so far stay patched
+
+
 # --- strict mode ------------------------------------------------------------------------------
 
 PEFT_PROBE = """
@@ -277,7 +320,8 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModel
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    pm = get_peft_model(AutoModel.from_pretrained(sys.argv[1]), PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=4))
+    config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=4)
+    pm = get_peft_model(AutoModel.from_pretrained(sys.argv[1]), config)
 print(json.dumps({"patched": maskpatch.is_patched(pm),
                   "warnings": [str(w.message) for w in caught if isinstance(w.message, maskpatch.MaskpatchWarning)]}))
 """
@@ -293,7 +337,9 @@ def stand_in_peft(tmp_path) -> str:
 
 def test_unknown_disabled_adapter_warns_once_and_patches_nothing(stand_in_peft):
     """A name no adapter has is a bad value: one warning when the library is imported, and auto-enable stays off."""
-    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_DISABLED_ADAPTERS="sentence-transformers,nope", PYTHONPATH=stand_in_peft)
+    env = clean_env(
+        MASKPATCH_AUTO="1", MASKPATCH_DISABLED_ADAPTERS="sentence-transformers,nope", PYTHONPATH=stand_in_peft
+    )
     code = "import peft\nfrom maskpatch import autoenable\nprint(autoenable.is_enabled())"
     result = run_python(code, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -304,7 +350,9 @@ def test_unknown_disabled_adapter_warns_once_and_patches_nothing(stand_in_peft):
 
 def test_strict_unknown_disabled_adapter_fails_the_import(stand_in_peft):
     """Under MASKPATCH_STRICT=1 a name no adapter has raises PolicyError from `import peft`."""
-    env = clean_env(MASKPATCH_AUTO="1", MASKPATCH_STRICT="1", MASKPATCH_DISABLED_ADAPTERS="nope", PYTHONPATH=stand_in_peft)
+    env = clean_env(
+        MASKPATCH_AUTO="1", MASKPATCH_STRICT="1", MASKPATCH_DISABLED_ADAPTERS="nope", PYTHONPATH=stand_in_peft
+    )
     result = run_python("import peft", env=env)
     assert result.returncode != 0
     assert "PolicyError" in result.stderr and "'nope'" in result.stderr
@@ -360,7 +408,9 @@ def venv_without_pth(tmp_path_factory) -> Path:
     python = root / "venv" / "bin" / "python"
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     import maskpatch  # noqa: PLC0415 - where this environment's maskpatch (editable or not) lives
 
@@ -381,10 +431,26 @@ def test_launcher_works_without_the_pth_with_policy_and_disabled_adapters(venv_w
     # Control: in that venv MASKPATCH_AUTO=1 alone does nothing (the .pth is not read there).
     control = run_python(START_PROBE, env={**env, "MASKPATCH_AUTO": "1"}, python=python)
     assert control.returncode == 0 and last_json(control.stdout)["patching"] is False
-    probe = MODEL_PROBE.replace("print(json.dumps(out))", "out['user'] = os.environ.get('USER_SITECUSTOMIZE_RAN')\nprint(json.dumps(out))")
+    probe = MODEL_PROBE.replace(
+        "print(json.dumps(out))", "out['user'] = os.environ.get('USER_SITECUSTOMIZE_RAN')\nprint(json.dumps(out))"
+    )
     result = subprocess.run(
-        [console_script(), "run", "--", python, "-c", "import os\n" + probe, tiny_model_dir("bert"), str(TESTS), "strip"],
-        capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=240,
+        [
+            console_script(),
+            "run",
+            "--",
+            python,
+            "-c",
+            "import os\n" + probe,
+            tiny_model_dir("bert"),
+            str(TESTS),
+            "strip",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = last_json(result.stdout)
@@ -399,12 +465,28 @@ def test_launcher_works_without_the_pth_with_policy_and_disabled_adapters(venv_w
 
 def test_launcher_options_set_the_variables():
     """--policy, --strict and --disable-adapters reach the command's environment and its auto-enable."""
-    code = START_PROBE + "s = sys.modules['_maskpatch_bootstrap']._settings\n" \
+    code = (
+        START_PROBE + "s = sys.modules['_maskpatch_bootstrap']._settings\n"
         "print(json.dumps([s.policy, s.strict, sorted(s.disabled_adapters)]))\n"
+    )
     result = subprocess.run(
-        [console_script(), "run", "--policy", "ignore", "--strict", "--disable-adapters", "peft,x", "--",
-         sys.executable, "-c", code],
-        capture_output=True, text=True, env=clean_env(), timeout=120,
+        [
+            console_script(),
+            "run",
+            "--policy",
+            "ignore",
+            "--strict",
+            "--disable-adapters",
+            "peft,x",
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["patching"] is True
@@ -416,7 +498,10 @@ def test_launcher_with_pth_starts_once_and_reports_bad_values_once():
     env = clean_env(MASKPATCH_POLICY="banana")
     result = subprocess.run(
         [console_script(), "run", "--", sys.executable, "-c", START_PROBE],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert last_json(result.stdout)["patching"] is False
@@ -429,7 +514,9 @@ def test_launcher_usage_errors():
     assert subprocess.run([script, "run"], capture_output=True, timeout=120).returncode == 2
     missing = subprocess.run([script, "run", "--", "no-such-command-xyz"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 127 and "no-such-command-xyz" in missing.stderr
-    bad = subprocess.run([script, "run", "--policy", "banana", "--", "true"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [script, "run", "--policy", "banana", "--", "true"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "banana" in bad.stderr
 
 
@@ -437,18 +524,21 @@ def test_launcher_usage_errors():
 
 
 def test_regular_wheel_installs_the_pth_and_pip_removes_it(tmp_path):
-    """A non-editable wheel puts maskpatch_auto.pth in site-packages; it starts auto-enable there; uninstall removes it."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, timeout=240,
-    )
+    """A regular wheel puts maskpatch_auto.pth in site-packages, it starts auto-enable there, uninstall removes it."""
+    # With build isolation, as pip builds for users: the backend gets the setuptools it asks for.
+    wheel_command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)]
+    subprocess.run(wheel_command, check=True, capture_output=True, timeout=240)
     (wheel,) = tmp_path.glob("maskpatch-*.whl")
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
     python = str(tmp_path / "venv" / "bin" / "python")
     pip = [sys.executable, "-m", "pip", "--python", python]
     subprocess.run([*pip, "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=240)
-    purelib = Path(run_python("import sysconfig; print(sysconfig.get_paths()['purelib'])", env=clean_env(), python=python).stdout.strip())
+    purelib = Path(
+        run_python(
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])", env=clean_env(), python=python
+        ).stdout.strip()
+    )
     assert (purelib / "maskpatch_auto.pth").read_text() == (ROOT / "build_support" / "maskpatch_auto.pth").read_text()
     # wrapt (the one thing the bootstrap imports) comes from this environment; no .pth of it is read
     (purelib / "00_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # read before maskpatch_auto.pth

@@ -36,10 +36,14 @@ def torchrun(model_dir: str, tmp_path: Path, *args: str, **variables: str) -> di
         "--standalone",
         "--nproc_per_node=2",
         str(EXAMPLE),
-        "--model", model_dir,
-        "--steps", "6",
-        "--virtual-tokens", "4",
-        "--output-json", str(report),
+        "--model",
+        model_dir,
+        "--steps",
+        "6",
+        "--virtual-tokens",
+        "4",
+        "--output-json",
+        str(report),
         *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=300)

@@ -20,14 +20,15 @@ import copy
 import io
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import add_prompt_learning, encode, st_model
 from torch import nn
 
 import maskpatch
-from helpers import add_prompt_learning, encode, st_model
 from maskpatch.hooks import MaskpatchHook
 
 pytestmark = [
@@ -59,7 +60,7 @@ def torch_roundtrip(model: nn.Module) -> nn.Module:
     return torch.load(buffer, weights_only=False)
 
 
-COPIES = {
+COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "pickle": lambda model: pickle.loads(pickle.dumps(model)),
     "deepcopy": copy.deepcopy,
     "torch.save": torch_roundtrip,
@@ -100,7 +101,7 @@ def batch_gap(model: nn.Module) -> float:
 @pytest.mark.parametrize("how", COPIES)
 @pytest.mark.parametrize("policy", maskpatch.POLICIES)
 def test_copy_of_a_patched_st_model_is_patched_and_remove_is_exact(st, how, policy):
-    """The copy is patched, repairs like the original, and maskpatch.remove(copy) is exact; the original is untouched."""
+    """The copy is patched and repairs like the original; maskpatch.remove(copy) is exact; the original is untouched."""
     unpatched_copy = copy.deepcopy(st)
     unpatched_out = encode(unpatched_copy, TEXTS)
     before = state(unpatched_copy)

@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import add_prompt_learning, encode, st_model
 from torch import nn
 
 import maskpatch
-from helpers import add_prompt_learning, encode, st_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -61,7 +61,7 @@ def prompt_model(path: str, *, include_prompt: bool = True):
 
 
 def features_for(model, *, prompt_length: bool = False) -> dict[str, Any]:
-    features = dict(model.tokenize(TEXTS))
+    features = dict(model.preprocess(TEXTS))
     if prompt_length:
         features["prompt_length"] = torch.tensor([2] * len(TEXTS))  # what ST passes when training
     return features
