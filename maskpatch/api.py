@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,15 +11,12 @@ from torch import nn
 from .adapters.generic import PrependedTokensAdapter, check_same_count, validate_count
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
-from .handle import PatchHandle, find_record, install, remove_hooks
+from .handle import LOCK as _LOCK
+from .handle import PatchHandle, find_record, install, iter_hooks, remove_hooks
 from .hooks import InstallRecord
-from .registry import check_requirements, find_adapter
+from .registry import Adapter, check_requirements, find_adapter
 
 __all__ = ["apply", "is_patched", "patched", "remove"]
-
-# One process-wide lock orders installs and removals; it lives here, never on a model, so
-# patched models stay picklable.
-_LOCK = threading.RLock()
 
 
 def apply(
@@ -32,23 +28,19 @@ def apply(
     model class), one of its modules, or a model another registered adapter handles. ``policy``
     is ``"extend"`` (the default), ``"ignore"`` or ``"strip"``. A second ``apply`` on a patched
     model installs nothing: it warns and returns the existing install's handle, and raises
-    :class:`AlreadyPatchedError` if it asks for another policy. ``handle.remove()`` undoes the
-    install exactly. Library versions outside an adapter's tested range raise
+    :class:`AlreadyPatchedError` if it asks for another policy, or if the existing install was
+    made on a part of ``model`` and lacks hooks that patching ``model`` needs (``apply(model[0])``
+    then ``apply(model)`` under ``extend``). ``handle.remove()`` undoes the install exactly. Library versions outside an adapter's tested range raise
     :class:`UnsupportedVersionError` unless ``check_versions`` is false.
 
     ``prepended_tokens=M`` patches a module that prepends ``M`` tokens by itself, without PEFT
     (see :mod:`maskpatch.adapters.generic` and :func:`maskpatch.prepended_mask`).
     """
-    policy = validate_policy(policy)
-    _require_module(model)
-    if prepended_tokens is not None:
-        validate_count(prepended_tokens)
+    policy = _validate(model, policy, prepended_tokens)
     with _LOCK:
-        record = find_record(model)
+        record = _joinable_record(model, policy, prepended_tokens)
         if record is None:
             return _install(model, policy, pinned=True, check_versions=check_versions, prepended=prepended_tokens)
-        _require_same_policy(model, record, policy)
-        check_same_count(model, prepended_tokens)
         warnings.warn(
             f"{type(model).__name__} is already patched by maskpatch (policy {record.policy!r}); "
             "returning the existing handle instead of patching twice",
@@ -70,17 +62,12 @@ def patched(
     shares it exits (never when it was made by an explicit :func:`apply`). ``prepended_tokens`` is
     as for :func:`apply`.
     """
-    policy = validate_policy(policy)
-    _require_module(model)
-    if prepended_tokens is not None:
-        validate_count(prepended_tokens)
+    policy = _validate(model, policy, prepended_tokens)
     with _LOCK:
-        record = find_record(model)
+        record = _joinable_record(model, policy, prepended_tokens)
         if record is None:
             handle = _install(model, policy, pinned=False, check_versions=check_versions, prepended=prepended_tokens)
         else:
-            _require_same_policy(model, record, policy)
-            check_same_count(model, prepended_tokens)
             handle = PatchHandle(model, record)
         handle._record.contexts += 1
     try:
@@ -108,14 +95,63 @@ def remove(model: nn.Module) -> bool:
         return remove_hooks(model) > 0
 
 
+def _validate(model: object, policy: object, prepended: int | None) -> Policy:
+    policy = validate_policy(policy)
+    _require_module(model)
+    if prepended is not None:
+        validate_count(prepended)
+    return policy
+
+
+def _joinable_record(model: nn.Module, policy: Policy, prepended: int | None) -> InstallRecord | None:
+    """Return the install ``model`` already has (None if none); raise if it cannot be joined.
+
+    An install found on ``model`` can be joined when it has the same options and already holds
+    every hook that patching ``model`` itself would register. An install made on a part of
+    ``model`` (``apply(model[0])`` or ``apply(peft_model)`` before ``apply(model)``) may lack
+    some, and joining it would leave ``model`` half repaired: that raises instead.
+    """
+    record = find_record(model)
+    if record is None:
+        return None
+    _require_same_policy(model, record, policy)
+    check_same_count(model, prepended)
+    missing = _missing_hooks(model, record, prepended)
+    if missing:
+        raise AlreadyPatchedError(
+            f"a part of {type(model).__name__} is already patched on its own (a {record.adapter!r} install), "
+            f"without the hooks patching {type(model).__name__} needs ({', '.join(missing)}); remove that install "
+            "(its handle.remove() or maskpatch.remove(model)) and patch the whole model once"
+        )
+    return record
+
+
+def _missing_hooks(model: nn.Module, record: InstallRecord, prepended: int | None) -> list[str]:
+    try:
+        adapter = _adapter_for(model, prepended)
+    except UnsupportedModelError:
+        return []  # a module no adapter handles, inside a patched model: it is covered by that install
+    have = {(id(module), type(hook)) for module, _, hook in iter_hooks(model) if hook.record is record}
+    probe = InstallRecord(record.policy, adapter.name, pinned=False)
+    return [
+        f"{type(spec.hook).__name__} on {type(spec.module).__name__}"
+        for spec in adapter.plan(model, probe)
+        if (id(spec.module), type(spec.hook)) not in have
+    ]
+
+
+def _adapter_for(model: nn.Module, prepended: int | None) -> Adapter:
+    # A module that prepends tokens by itself cannot be recognised: the stated count selects the generic path.
+    return find_adapter(model) if prepended is None else PrependedTokensAdapter(prepended)
+
+
 def _install(
     model: nn.Module, policy: Policy, *, pinned: bool, check_versions: bool, prepended: int | None = None
 ) -> PatchHandle:
-    # A module that prepends tokens by itself cannot be recognised: the stated count selects the generic path.
-    adapter = find_adapter(model) if prepended is None else PrependedTokensAdapter(prepended)
+    adapter = _adapter_for(model, prepended)
     if check_versions:
         check_requirements(adapter)
-    record = InstallRecord(policy, adapter.name, pinned=pinned)
+    record = InstallRecord(policy, adapter.name, pinned=pinned, root=model)
     install(adapter.plan(model, record))
     return PatchHandle(model, record)
 

@@ -17,10 +17,6 @@ from .drift import Policy, prefix_mask, strip_positions
 
 __all__ = ["copy_features", "exclude_leading_tokens", "repair_features"]
 
-#: Keys of a features dict whose tensors have one entry per output position, besides the
-#: module's own output key.
-TOKEN_LEVEL_KEYS = ("all_layer_embeddings",)
-
 
 Features = TypeVar("Features", bound=MutableMapping[str, Any])
 

@@ -9,9 +9,9 @@ from types import TracebackType
 from torch import nn
 
 from .drift import Policy
-from .hooks import InstallRecord, MaskpatchHook
+from .hooks import LOCK, InstallRecord, MaskpatchHook
 
-__all__ = ["HookSpec", "PatchHandle", "find_record", "install", "iter_hooks", "remove_hooks"]
+__all__ = ["LOCK", "HookSpec", "PatchHandle", "find_record", "install", "iter_hooks", "remove_hooks"]
 
 # The dicts torch keeps per hook kind, keyed by the same hook id.
 _PRE_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
@@ -80,6 +80,12 @@ class PatchHandle:
         self._record = record
 
     @property
+    def _scope(self) -> nn.Module:
+        # The whole install when known (a handle obtained through a part of the model reaches the
+        # rest too); on a copy, the model the handle was made for.
+        return self._record.root if self._record.root is not None else self._model
+
+    @property
     def policy(self) -> Policy:
         """The repair policy of this install."""
         return self._record.policy
@@ -92,11 +98,12 @@ class PatchHandle:
     @property
     def active(self) -> bool:
         """Whether this install's hooks are still on the model."""
-        return any(hook.record is self._record for _, _, hook in iter_hooks(self._model))
+        return any(hook.record is self._record for _, _, hook in iter_hooks(self._scope))
 
     def remove(self) -> None:
         """Remove every hook of this install; a second call does nothing."""
-        remove_hooks(self._model, self._record)
+        with LOCK:
+            remove_hooks(self._scope, self._record)
 
     def __enter__(self) -> PatchHandle:
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from .drift import Policy, positions_from_mask
 from .layout import active_layout, is_peft_model
 
 __all__ = [
+    "LOCK",
     "InstallRecord",
     "MaskpatchHook",
     "PositionIdsHook",
@@ -30,24 +32,32 @@ __all__ = [
 ]
 
 
+#: One process-wide lock orders installs, removals and hooks registered during a forward. It
+#: lives here, never on a model, so patched models stay picklable.
+LOCK = threading.RLock()
+
+
 class InstallRecord:
     """What one ``apply`` installed: its policy, and who keeps it alive.
 
     ``pinned`` is true while an explicit :func:`maskpatch.apply` owns the install; ``contexts``
     counts the :func:`maskpatch.patched` blocks inside it. The install is removed when the last
-    context exits, unless it is pinned.
+    context exits, unless it is pinned. ``root`` is the module ``apply`` was called on, so that a
+    handle obtained through a part of it still removes the whole install.
     """
 
-    def __init__(self, policy: Policy, adapter: str, *, pinned: bool) -> None:
+    def __init__(self, policy: Policy, adapter: str, *, pinned: bool, root: nn.Module | None = None) -> None:
         self.policy: Policy = policy
         self.adapter = adapter
         self.pinned = pinned
         self.contexts = 0
+        self.root = root
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy lives on in another process or object, where no ``patched()`` block of ours is
-        # open: it stays patched until ``maskpatch.remove`` is called on it.
-        return {**self.__dict__, "pinned": True, "contexts": 0}
+        # open: it stays patched until ``maskpatch.remove`` is called on it. The root is not
+        # carried along, so that pickling a part of a patched model does not drag in the whole.
+        return {**self.__dict__, "pinned": True, "contexts": 0, "root": None}
 
     def __repr__(self) -> str:
         return f"InstallRecord(policy={self.policy!r}, adapter={self.adapter!r})"

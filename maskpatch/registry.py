@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
@@ -18,7 +19,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
 
-from .errors import MaskpatchError, UnsupportedModelError, UnsupportedVersionError
+from .errors import MaskpatchError, MaskpatchWarning, UnsupportedModelError, UnsupportedVersionError
 from .handle import HookSpec
 from .hooks import InstallRecord
 
@@ -58,6 +59,7 @@ class Adapter(Protocol):
 _ADAPTERS: dict[str, Adapter] = {}
 _LOCK = threading.Lock()
 _entry_points_loaded = False
+_ENTRY_POINTS_LOCK = threading.Lock()
 
 
 def register_adapter(adapter: Adapter, *, replace: bool = False) -> None:
@@ -84,24 +86,37 @@ def registered_adapters() -> tuple[Adapter, ...]:
 
 
 def load_entry_points(group: str = ENTRY_POINT_GROUP) -> int:
-    """Register every adapter advertised in the entry-point ``group``; return how many were added."""
+    """Register every adapter advertised in the entry-point ``group``; return how many were added.
+
+    An entry point that fails to load or does not give an adapter is skipped with a
+    :class:`MaskpatchWarning` naming it, so one broken plugin does not take the others down.
+    """
     added = 0
     for entry_point in importlib.metadata.entry_points(group=group):
-        loaded = entry_point.load()
-        adapter = loaded() if isinstance(loaded, type) else loaded
-        with _LOCK:
-            if adapter.name in _ADAPTERS:
-                continue
-        register_adapter(adapter)
+        try:
+            loaded = entry_point.load()
+            adapter = loaded() if isinstance(loaded, type) else loaded
+            with _LOCK:
+                if getattr(adapter, "name", None) in _ADAPTERS:
+                    continue
+            register_adapter(adapter)
+        except Exception as exc:  # a plugin's bug must not break maskpatch for every model
+            warnings.warn(
+                f"skipping the maskpatch adapter entry point {entry_point.name!r} ({entry_point.value}): {exc}",
+                MaskpatchWarning,
+                stacklevel=2,
+            )
+            continue
         added += 1
     return added
 
 
 def _load_entry_points_once() -> None:
     global _entry_points_loaded
-    if not _entry_points_loaded:
-        _entry_points_loaded = True
-        load_entry_points()
+    with _ENTRY_POINTS_LOCK:
+        if not _entry_points_loaded:
+            load_entry_points()
+            _entry_points_loaded = True
 
 
 def find_adapter(model: object) -> Adapter:

@@ -26,6 +26,7 @@ from ..errors import DriftError
 from ..features import copy_features, exclude_leading_tokens, repair_features
 from ..handle import HookSpec
 from ..hooks import (
+    LOCK,
     InstallRecord,
     MaskpatchHook,
     PositionIdsHook,
@@ -95,7 +96,14 @@ class TransformerPositionHook(MaskpatchHook):
     pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ensure_position_hook(getattr(module, "model", None), self.record)
+        inner = getattr(module, "model", None)
+        if not is_peft_model(inner) or has_position_hook(inner.base_model):
+            return  # the usual case: nothing to register, and no lock taken
+        with LOCK:
+            # A remove() on another thread may have run since this forward began: register only
+            # while this install is still in place, so that nothing of it is left behind.
+            if any(hook is self for hook in module._forward_pre_hooks.values()):
+                ensure_position_hook(inner, self.record)
 
 
 class TransformerOutputHook(MaskpatchHook):
@@ -104,12 +112,12 @@ class TransformerOutputHook(MaskpatchHook):
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not isinstance(output, MutableMapping):
             return None
+        if "cu_seq_lens_q" in output:  # packed features carry no attention_mask: check first
+            _refuse_flattened(module)
+            return None
         key = getattr(module, "module_output_name", "token_embeddings")
         tokens, mask = output.get(key), output.get("attention_mask")
         if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor)) or tokens.dim() != 3 or mask.dim() != 2:
-            return None
-        if "cu_seq_lens_q" in output:
-            _refuse_flattened(module)
             return None
         observed = tokens.shape[1] - mask.shape[1]
         if observed <= 0:

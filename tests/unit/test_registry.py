@@ -125,6 +125,9 @@ def test_find_adapter_without_match_names_the_type_and_the_adapters():
 
 
 class _EntryPoint:
+    name = "fake"
+    value = "fake_plugin:adapter"
+
     def __init__(self, target: object) -> None:
         self._target = target
 
@@ -154,6 +157,26 @@ def test_load_entry_points_registers_objects_and_classes_and_counts_them(monkeyp
     assert "third-party-object" in names and "third-party-class" in names
     # A second load finds both registered already and adds nothing.
     assert load_entry_points() == 0
+
+
+class _BrokenEntryPoint(_EntryPoint):
+    def load(self) -> object:
+        raise ImportError("No module named 'fake_plugin'")
+
+
+def test_a_broken_entry_point_is_skipped_with_a_warning_and_the_others_still_load(monkeypatch, scratch_names):
+    """One plugin that fails to import, or is not an adapter, warns by name; the good one is registered."""
+    good = FakeAdapter("third-party-good")
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        lambda *, group: [_BrokenEntryPoint(None), _EntryPoint(object()), _EntryPoint(good)],
+    )
+    scratch_names.append("third-party-good")
+    with pytest.warns(maskpatch.MaskpatchWarning, match="fake_plugin") as caught:
+        assert load_entry_points() == 1
+    assert len(caught) == 2
+    assert "third-party-good" in [a.name for a in registered_adapters()]
 
 
 # --- version requirements -------------------------------------------------------------------
