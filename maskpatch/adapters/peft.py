@@ -42,7 +42,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import wrapt
 from torch import Tensor, nn
 

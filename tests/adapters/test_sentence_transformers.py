@@ -31,8 +31,8 @@ from helpers import (
 from torch import Tensor
 
 import maskpatch
-from maskpatch.adapters.peft import _generation_unsupported
 from maskpatch import POLICIES, DriftError
+from maskpatch.adapters.peft import _generation_unsupported
 
 MODES = ["mean", "max", "cls", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
 TOL = 1e-5
@@ -48,15 +48,6 @@ MATRIX = [
     if (mode, side, policy) != ("weightedmean", "left", "extend")
 ]
 MATRIX_IDS = ["-".join(case) for case in MATRIX]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module's tiny models on one thread: two threads contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:

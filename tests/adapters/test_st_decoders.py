@@ -11,7 +11,6 @@ pads; the reference runs the PEFT model by hand with exactly those positions
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import TEXTS
 from helpers import (
     add_prompt_learning,
@@ -33,15 +32,6 @@ from maskpatch.hooks import MaskpatchHook, PositionIdsHook
 M = 4
 TOL = 1e-5
 PROMPT = "query: "
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module's tiny models on one thread: two threads contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def max_diff(a: Tensor, b: Tensor) -> float:

@@ -38,15 +38,6 @@ HOOK_DICTS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Run this module's tiny models on one thread: two threads contend on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     """A tiny BERT SentenceTransformer with an 4-token prompt-tuning adapter (unpatched between tests)."""
