@@ -46,14 +46,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
-import maskpatch  # noqa: E402
-from maskpatch.handle import iter_hooks  # noqa: E402
+import maskpatch
+from maskpatch.handle import iter_hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("extend", "ignore", "strip")
-VARIANTS = ("unpatched", "hand hook", *(f"maskpatch {p}" for p in POLICIES))
+PATCHED = tuple(f"maskpatch {p}" for p in POLICIES)
+#: "unpatched again" is the unpatched model timed a second time each round: its ratio to
+#: "unpatched" shows the noise of the machine (it would be 1.000 on a perfectly quiet one).
+TIMED = ("unpatched", "unpatched again", "hand hook", *PATCHED)
+VARIANTS = ("unpatched", "hand hook", *PATCHED)
 
 _WORDS = (
     "the model reads every sentence of the corpus and maps it to a vector so that texts with similar "
@@ -124,7 +128,7 @@ class OnesPrefixHook:
 @contextlib.contextmanager
 def variant(model: Any, name: str, m: int) -> Iterator[None]:
     """Install variant ``name`` on ``model`` for the body of the block, and take it off again."""
-    if name == "unpatched":
+    if name in ("unpatched", "unpatched again"):
         yield
     elif name == "hand hook":
         handle = model[0].register_forward_hook(OnesPrefixHook(m))
@@ -172,12 +176,12 @@ def throughput_case(model: Any, m: int, size: int, kind: str, cfg: Config) -> di
     """Time every variant on one (M, batch, texts) case, interleaved; return medians and ratios."""
     batch = texts(kind, size)
     n = calibrate(model, batch, cfg.min_sample_s)
-    for name in VARIANTS:  # warm each variant once (lazy hooks, allocator), untimed
+    for name in VARIANTS:  # warm each variant once (hooks, allocator), untimed
         with variant(model, name, m):
             encode(model, batch)
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(cfg.rounds):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        order = TIMED[r % len(TIMED) :] + TIMED[: r % len(TIMED)]
         times = {}
         for name in order:
             with variant(model, name, m):
@@ -185,11 +189,11 @@ def throughput_case(model: Any, m: int, size: int, kind: str, cfg: Config) -> di
         rounds.append(times)
     case: dict[str, Any] = {"m": m, "batch": size, "texts": kind, "encodes_per_sample": n}
     for clock in CLOCKS:
-        for name in VARIANTS:
+        for name in TIMED:
             case[f"{clock} {name} s"] = statistics.median(t[name][clock] for t in rounds)
-        for name in VARIANTS[1:]:
+        for name in TIMED[1:]:
             case[f"{clock} {name} / unpatched"] = _ratio(rounds, clock, name, "unpatched")
-        for name in VARIANTS[2:]:
+        for name in PATCHED:
             case[f"{clock} {name} / hand hook"] = _ratio(rounds, clock, name, "hand hook")
     return case
 
@@ -212,28 +216,37 @@ def run_throughput(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
 
 def print_throughput(cases: list[dict[str, Any]], cfg: Config) -> None:
     print(f"\n## 1. Encode throughput (median over {cfg.rounds} interleaved rounds of per-round time ratios)")
+    print("\n'again/unp' times the unpatched model twice per round: the noise floor of the machine.")
     for clock in CLOCKS:
         what = "process CPU time" if clock == "cpu" else "wall-clock time"
         print(f"\n{what}:\n")
-        head = ["M", "batch", "texts", "unpatched texts/s", "hand/unp"]
+        head = ["M", "batch", "texts", "unpatched texts/s", "again/unp", "hand/unp"]
         for p in POLICIES:
             head += [f"{p}/unp", f"{p}/hand"]
         rows = []
         for c in cases:
             row = [str(c["m"]), str(c["batch"]), c["texts"], f"{c['batch'] / c[f'{clock} unpatched s']:.1f}"]
-            row.append(f"{c[f'{clock} hand hook / unpatched']:.3f}")
+            row += [f"{c[f'{clock} unpatched again / unpatched']:.3f}", f"{c[f'{clock} hand hook / unpatched']:.3f}"]
             for p in POLICIES:
-                row += [f"{c[f'{clock} maskpatch {p} / unpatched']:.3f}", f"{c[f'{clock} maskpatch {p} / hand hook']:.3f}"]
+                row.append(f"{c[f'{clock} maskpatch {p} / unpatched']:.3f}")
+                row.append(f"{c[f'{clock} maskpatch {p} / hand hook']:.3f}")
             rows.append(row)
         table(head, rows)
     at32 = [c for c in cases if c["batch"] == 32]
     for clock in CLOCKS if at32 else ():
-        worst = max(c[f"{clock} maskpatch {p} / unpatched"] for c in at32 for p in POLICIES)
-        worst_hand = max(c[f"{clock} maskpatch {p} / hand hook"] for c in at32 for p in POLICIES)
-        hand = max(c[f"{clock} hand hook / unpatched"] for c in at32)
-        print(f"\ntarget ({clock}): maskpatch/unpatched <= 1.02 at batch 32: worst {worst:.3f} -> {verdict(worst <= 1.02)}")
-        print(f"target ({clock}): maskpatch/hand hook <= 1.02 at batch 32 (no slower, within noise): worst "
-              f"{worst_hand:.3f} -> {verdict(worst_hand <= 1.02)}; hand/unpatched worst {hand:.3f}")
+        unp = [c[f"{clock} {name} / unpatched"] for c in at32 for name in PATCHED]
+        hand = [c[f"{clock} {name} / hand hook"] for c in at32 for name in PATCHED]
+        noise = max(abs(c[f"{clock} unpatched again / unpatched"] - 1) for c in at32)
+        print(
+            f"\ntarget ({clock}): maskpatch/unpatched <= 1.02 at batch 32: median {statistics.median(unp):.3f} over "
+            f"{len(unp)} cells -> {verdict(statistics.median(unp) <= 1.02)}; worst cell {max(unp):.3f}; "
+            f"noise floor (again/unp) +-{noise:.3f}"
+        )
+        print(
+            f"target ({clock}): maskpatch no slower than the hand hook at batch 32: "
+            f"median {statistics.median(hand):.3f} "
+            f"-> {verdict(statistics.median(hand) <= 1 + max(noise, 0.005))}; worst cell {max(hand):.3f}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,11 +296,10 @@ def hook_calls(model: Any, seen: Captured) -> list[tuple[str, Callable[[], Any]]
         if module is model[0] and hook.pre:
             calls.append((name, lambda h=hook: h(model[0], seen.transformer_args, seen.transformer_kwargs)))
         elif module is model[0]:
-            out = hook(model[0], seen.transformer_args, seen.transformer_kwargs, dict(seen.transformer_output))
+            args, kwargs, output = seen.transformer_args, seen.transformer_kwargs, seen.transformer_output
+            out = hook(model[0], args, kwargs, dict(output))
             repaired = out if out is not None else repaired
-            calls.append(
-                (name, lambda h=hook: h(model[0], seen.transformer_args, seen.transformer_kwargs, dict(seen.transformer_output)))
-            )
+            calls.append((name, lambda h=hook, a=args, k=kwargs, o=output: h(model[0], a, k, dict(o))))
         elif hook.pre and module is model[0].model.base_model:
             calls.append((name, lambda h=hook, mod=module: h(mod, seen.base_args, seen.base_kwargs)))
     for module, _key, hook in iter_hooks(model):
@@ -329,8 +341,13 @@ def run_hook_alone(models: dict[int, Any], cfg: Config) -> list[dict[str, Any]]:
                 for name, fn in hook_calls(model, seen):
                     copied = loop if name == "TransformerOutputHook" else 0.0
                     parts[name] = parts.get(name, 0.0) + per_call_us(fn, cfg.hook_iters) - copied
-            rows.append({"m": m, "batch": size, "variant": f"maskpatch {policy}", "us": sum(parts.values()), "parts": parts})
+            total = sum(parts.values())
+            rows.append({"m": m, "batch": size, "variant": f"maskpatch {policy}", "us": total, "parts": parts})
     return rows
+
+
+def _parts(parts: dict[str, float]) -> str:
+    return ", ".join(f"{name} {us:.1f}" for name, us in parts.items()) or "-"
 
 
 def print_hook_alone(rows: list[dict[str, Any]]) -> None:
@@ -338,7 +355,7 @@ def print_hook_alone(rows: list[dict[str, Any]]) -> None:
     table(
         ["M", "variant", "us / forward", "per hook"],
         [
-            [str(r["m"]), r["variant"], f"{r['us']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in r["parts"].items()) or "-"]
+            [str(r["m"]), r["variant"], f"{r['us']:.1f}", _parts(r["parts"])]
             for r in rows
         ],
     )
@@ -603,7 +620,8 @@ def verdict(ok: bool) -> str:
 
 def machine() -> str:
     return (
-        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, "
         f"torch {torch.__version__}, torch threads {torch.get_num_threads()}"
     )
 

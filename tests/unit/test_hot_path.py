@@ -235,7 +235,8 @@ def test_extend_and_ignore_allocate_only_the_repaired_mask(tiny_bert, policy):
     assert len(allocated) == 1
     assert allocated[0] is repaired["attention_mask"] or _storage(allocated[0]) == _storage(repaired["attention_mask"])
     assert repaired["attention_mask"].shape == (mask.shape[0], M + mask.shape[1])
-    assert repaired["attention_mask"].untyped_storage().nbytes() == mask.shape[0] * (M + mask.shape[1]) * mask.element_size()
+    size = mask.shape[0] * (M + mask.shape[1]) * mask.element_size()
+    assert repaired["attention_mask"].untyped_storage().nbytes() == size
     assert all(tokens is not i for _, inputs, _ in rec.calls for i in inputs)
     assert repaired["token_embeddings"] is tokens
 
