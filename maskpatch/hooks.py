@@ -29,6 +29,7 @@ __all__ = [
     "accepts_position_ids",
     "ensure_position_hook",
     "has_position_hook",
+    "position_hook_for",
 ]
 
 
@@ -140,18 +141,26 @@ def has_position_hook(module: nn.Module) -> bool:
     return any(isinstance(h, PositionIdsHook) for h in module._forward_pre_hooks.values())
 
 
-def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:
-    """Register a :class:`PositionIdsHook` on ``peft_model.base_model`` unless one is there.
+def position_hook_for(peft_model: Any, record: InstallRecord) -> PositionIdsHook | None:
+    """Return the :class:`PositionIdsHook` ``peft_model.base_model`` still needs, or None.
 
-    Returns whether a hook is in place afterwards. Models whose forward takes no ``position_ids``
-    (T5, for one) are left alone.
+    None when ``peft_model`` is not a PeftModel, when its base model already carries one (of any
+    install), or when its forward takes no ``position_ids`` (T5, for one). Changes nothing.
     """
     if not is_peft_model(peft_model):
-        return False
+        return None
     base = peft_model.base_model
-    if has_position_hook(base):
-        return True
-    if not accepts_position_ids(base):
-        return False
-    base.register_forward_pre_hook(PositionIdsHook(record, peft_model), with_kwargs=True)
-    return True
+    if has_position_hook(base) or not accepts_position_ids(base):
+        return None
+    return PositionIdsHook(record, peft_model)
+
+
+def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:
+    """Register the :class:`PositionIdsHook` that :func:`position_hook_for` says is missing.
+
+    Returns whether one was registered.
+    """
+    hook = position_hook_for(peft_model, record)
+    if hook is not None:
+        peft_model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return hook is not None

@@ -148,3 +148,18 @@ def encode(model, texts: list[str], **kwargs) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.encode(texts, convert_to_tensor=True, batch_size=len(texts), **kwargs)
+
+
+#: Every dict in which torch keeps a module's forward hooks or their flags.
+HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def state(model) -> list[tuple]:
+    """Per module: its __dict__ keys and the keys of every forward-hook dict torch keeps."""
+    return [(name, sorted(vars(m)), *(sorted(getattr(m, d)) for d in HOOK_DICTS)) for name, m in model.named_modules()]

@@ -49,10 +49,10 @@ from ..conventions import MaskConvention
 from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record
-from .generic import installed_count, prepended_mask
-from ..hooks import InstallRecord, MaskpatchHook, PositionIdsHook, accepts_position_ids
+from ..hooks import InstallRecord, MaskpatchHook, accepts_position_ids, position_hook_for
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids, shift_span_positions
+from .generic import installed_count, prepended_mask
 
 __all__ = [
     "CALL_KEY",
@@ -112,9 +112,9 @@ class PeftAdapter:
             HookSpec(model, PeftOutputHook(record)),
             HookSpec(base, PeftBaseHook(record)),  # before PositionIdsHook: explicit positions win
         ]
-        has_positions = any(isinstance(h, PositionIdsHook) for h in base._forward_pre_hooks.values())
-        if accepts_position_ids(base) and not has_positions:
-            specs.append(HookSpec(base, PositionIdsHook(record, model)))
+        positions = position_hook_for(model, record)
+        if positions is not None:
+            specs.append(HookSpec(base, positions))
         specs.extend(HookSpec(encoder, TaskIdsHook(record)) for encoder in _task_encoders(model))
         ensure_disable_adapter_wrapper()
         return specs

@@ -29,10 +29,9 @@ from ..hooks import (
     LOCK,
     InstallRecord,
     MaskpatchHook,
-    PositionIdsHook,
-    accepts_position_ids,
     ensure_position_hook,
     has_position_hook,
+    position_hook_for,
 )
 from ..layout import active_layout, is_peft_model
 from .peft import ensure_disable_adapter_wrapper
@@ -84,10 +83,8 @@ def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
         return []
     # PEFT's disable_adapter() crashes on encoders without generation support; see adapters.peft.
     ensure_disable_adapter_wrapper()
-    base = inner.base_model  # type: ignore[attr-defined]
-    if has_position_hook(base) or not accepts_position_ids(base):
-        return []
-    return [HookSpec(base, PositionIdsHook(record, inner))]
+    hook = position_hook_for(inner, record)
+    return [] if hook is None else [HookSpec(inner.base_model, hook)]  # type: ignore[attr-defined]
 
 
 class TransformerPositionHook(MaskpatchHook):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import add_prompt_learning, encode, st_model
+from helpers import add_prompt_learning, encode, st_model, state
 from torch import nn
 
 import maskpatch
@@ -44,13 +44,6 @@ TEXTS = [
     "short one",
     "three words here",
 ]
-HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
 
 
 def torch_roundtrip(model: nn.Module) -> nn.Module:
@@ -67,9 +60,6 @@ COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
 }
 
 
-def state(model: nn.Module) -> list[tuple]:
-    """Per module: its __dict__ keys and the keys of every forward-hook dict torch keeps."""
-    return [(name, sorted(vars(m)), *(sorted(getattr(m, d)) for d in HOOK_DICTS)) for name, m in model.named_modules()]
 
 
 def maskpatch_objects(model: nn.Module) -> list[str]:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import add_prompt_learning, encode, st_model
+from helpers import add_prompt_learning, encode, st_model, state
 from torch import nn
 
 import maskpatch
@@ -37,19 +37,9 @@ TEXTS = [
     "three words here",
     "another sentence of a middling length for the batch",
 ]
-HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
 TIMEOUT = 120
 
 
-def state(model: nn.Module) -> list[tuple]:
-    """Per module: its __dict__ keys and the keys of every forward-hook dict torch keeps."""
-    return [(name, sorted(vars(m)), *(sorted(getattr(m, d)) for d in HOOK_DICTS)) for name, m in model.named_modules()]
 
 
 @pytest.fixture

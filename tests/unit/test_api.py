@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import TEXTS
-from helpers import add_prompt_learning, encode, st_model
+from helpers import HOOK_DICTS, add_prompt_learning, encode, st_model
 from torch import nn
 
 import maskpatch
@@ -28,14 +28,6 @@ from maskpatch import (
 )
 from maskpatch.handle import HookSpec, iter_hooks
 from maskpatch.hooks import InstallRecord, MaskpatchHook, PositionIdsHook
-
-HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
 
 
 @pytest.fixture(scope="module")
