@@ -13,11 +13,13 @@ from .adapters import register_builtin_adapters
 from .adapters.generic import prepended_mask
 from .adapters.peft import output_mask
 from .api import apply, is_patched, patched, remove
+from .auditing import AuditReport, AuditSession, Finding, audit
 from .conventions import MaskConvention
 from .drift import POLICIES, Policy
 from .errors import (
     AlreadyPatchedError,
     DriftError,
+    DriftWarning,
     MaskpatchError,
     MaskpatchWarning,
     PolicyError,
@@ -34,7 +36,11 @@ __all__ = [
     "POLICIES",
     "Adapter",
     "AlreadyPatchedError",
+    "AuditReport",
+    "AuditSession",
     "DriftError",
+    "DriftWarning",
+    "Finding",
     "MaskConvention",
     "MaskpatchError",
     "MaskpatchWarning",
@@ -47,6 +53,7 @@ __all__ = [
     "__version__",
     "active_layout",
     "apply",
+    "audit",
     "is_patched",
     "load_entry_points",
     "output_mask",

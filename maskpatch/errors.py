@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyPatchedError",
     "DriftError",
+    "DriftWarning",
     "MaskpatchError",
     "MaskpatchWarning",
     "PolicyError",
@@ -48,3 +49,11 @@ class DriftError(MaskpatchError, RuntimeError):
 
 class MaskpatchWarning(UserWarning):
     """Warnings about misuse that maskpatch tolerates (e.g. a second ``apply``)."""
+
+
+class DriftWarning(MaskpatchWarning):
+    """Audit mode found a token-level output and its mask that disagree (issued once per site).
+
+    :func:`maskpatch.audit` only observes: nothing was repaired. The message names the module, both
+    lengths, the active adapter and its ``M``, and what each policy would do.
+    """
