@@ -117,7 +117,10 @@ def _on_import(module: ModuleType) -> None:
             # Once only: a later library import must not undo an autoenable.disable() in between.
             _enabled = True
             autoenable.enable(
-                policy=settings.policy, strict=settings.strict, disabled_adapters=settings.disabled_adapters
+                policy=settings.policy,
+                strict=settings.strict,
+                disabled_adapters=settings.disabled_adapters,
+                audit=settings.audit,
             )
         autoenable.instrument_module(module)
     except Exception as exc:

@@ -44,6 +44,7 @@ import wrapt
 from torch import nn
 
 from . import api
+from .auditing import AuditReport, audit, is_audited
 from .constants import INSTRUMENTED_MODULES, parse_adapter_list
 from .drift import Policy, validate_policy
 from .errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
@@ -51,7 +52,15 @@ from .handle import iter_hooks, remove_hooks
 from .layout import is_peft_model
 from .registry import find_adapter, registered_adapters
 
-__all__ = ["AutoEnableConfig", "current_config", "disable", "enable", "instrument_module", "is_enabled"]
+__all__ = [
+    "AutoEnableConfig",
+    "current_config",
+    "disable",
+    "enable",
+    "instrument_module",
+    "is_enabled",
+    "process_audit_report",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -66,6 +75,8 @@ class AutoEnableConfig:
     policy: Policy = "extend"
     strict: bool = False
     disabled_adapters: frozenset[str] = frozenset()
+    #: audit new models (``MASKPATCH_AUTO=audit``) instead of patching them
+    audit: bool = False
 
 
 class _State:
@@ -87,7 +98,7 @@ _STATE = _State()
 
 
 def enable(
-    *, policy: Policy = "extend", strict: bool = False, disabled_adapters: Iterable[str] | str = ()
+    *, policy: Policy = "extend", strict: bool = False, disabled_adapters: Iterable[str] | str = (), audit: bool = False
 ) -> AutoEnableConfig:
     """Patch every sentence-transformers model and prompt-learning PeftModel created from now on.
 
@@ -99,8 +110,12 @@ def enable(
     instead of warning. Calling ``enable`` again replaces the options for models created after it.
     Models created before ``enable`` are not patched. Raises :class:`PolicyError` for an unknown
     policy or adapter name, before changing anything.
+
+    With ``audit`` (``MASKPATCH_AUTO=audit``), the same models are audited instead of patched
+    (:func:`maskpatch.audit`): nothing changes, and drift is reported once per site, with a
+    :class:`~maskpatch.errors.DriftWarning`, into :func:`process_audit_report`.
     """
-    config = _make_config(policy, strict, disabled_adapters)
+    config = _make_config(policy, strict, disabled_adapters, audit)
     with _STATE.lock:
         _STATE.config = config
         register = not _STATE.hooks_registered
@@ -137,7 +152,7 @@ def current_config() -> AutoEnableConfig | None:
     return _STATE.config
 
 
-def _make_config(policy: Policy, strict: bool, disabled: Iterable[str] | str) -> AutoEnableConfig:
+def _make_config(policy: Policy, strict: bool, disabled: Iterable[str] | str, audit: bool = False) -> AutoEnableConfig:
     names = parse_adapter_list(disabled) if isinstance(disabled, str) else frozenset(disabled)
     known = {adapter.name for adapter in registered_adapters()}
     unknown = sorted(names - known)
@@ -146,7 +161,9 @@ def _make_config(policy: Policy, strict: bool, disabled: Iterable[str] | str) ->
             f"expected registered adapter names in disabled_adapters (MASKPATCH_DISABLED_ADAPTERS), but got "
             f"{', '.join(map(repr, unknown))}; registered adapters: {', '.join(sorted(known)) or 'none'}"
         )
-    return AutoEnableConfig(policy=validate_policy(policy), strict=bool(strict), disabled_adapters=names)
+    return AutoEnableConfig(
+        policy=validate_policy(policy), strict=bool(strict), disabled_adapters=names, audit=bool(audit)
+    )
 
 
 # --- post-import hooks: wrap the constructors -------------------------------------------------
@@ -244,6 +261,9 @@ def _patch_created(model: nn.Module, config: AutoEnableConfig) -> None:
     if is_peft_model(model) and not _is_prompt_learning(model):
         _log.debug("maskpatch auto-enable: %s has no prompt-learning adapter; left unpatched", name)
         return
+    if config.audit:
+        _audit_created(model, config)
+        return
     if adapter.name != ST_ADAPTER and _inside_patched_st_model(model):
         _log.debug("maskpatch auto-enable: %s sits inside a patched sentence-transformers model", name)
         return
@@ -257,6 +277,24 @@ def _patch_created(model: nn.Module, config: AutoEnableConfig) -> None:
                 _STATE.st_models.add(model)
     except MaskpatchError as exc:
         _problem(config, f"could not patch the new {name} ({type(exc).__name__}: {exc}); it is left unpatched", exc)
+
+
+def process_audit_report() -> AuditReport:
+    """Return the report every model audited by ``MASKPATCH_AUTO=audit`` (or ``enable(audit=True)``) records into."""
+    return _PROCESS_REPORT
+
+
+_PROCESS_REPORT = AuditReport()
+
+
+def _audit_created(model: nn.Module, config: AutoEnableConfig) -> None:
+    """Audit a model that was just created into the process-wide report (once per model)."""
+    try:
+        with _STATE.lock:
+            if not is_audited(model, _PROCESS_REPORT):
+                audit(model, report=_PROCESS_REPORT)
+    except MaskpatchError as exc:
+        _problem(config, f"could not audit the new {type(model).__name__} ({type(exc).__name__}: {exc})", exc)
 
 
 def _is_prompt_learning(peft_model: Any) -> bool:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # imports cost time at interpreter start; only type checkers 
     from collections.abc import Mapping
 
 __all__ = [
+    "AUDIT_VALUE",
     "FALSE_VALUES",
     "INSTRUMENTED_MODULES",
     "MASKPATCH_AUTO",
@@ -31,7 +32,11 @@ __all__ = [
 
 MASKPATCH_AUTO = "MASKPATCH_AUTO"
 """Turns auto-enable on: ``1``, ``true``, ``yes`` or ``on`` (any case). ``0``, ``false``, ``no``,
-``off`` or empty leave it off; any other value warns once and patches nothing."""
+``off`` or empty leave it off; ``audit`` (:data:`AUDIT_VALUE`) audits every model instead of
+patching it (nothing changes, drift is reported); any other value warns once and patches nothing."""
+
+AUDIT_VALUE = "audit"
+"""The :data:`MASKPATCH_AUTO` value that turns on audit mode for the whole process (any case)."""
 
 MASKPATCH_POLICY = "MASKPATCH_POLICY"
 """The repair policy of every auto-enabled install: ``extend`` (the default when unset or empty),
@@ -62,17 +67,19 @@ INSTRUMENTED_MODULES = ("sentence_transformers", "peft")
 class AutoSettings:
     """What the environment asks of auto-enable, read by :func:`read_settings` (immutable).
 
-    ``problems`` lists every bad value, one sentence each. When it is not empty nothing is
+    ``audit`` is true for ``MASKPATCH_AUTO=audit``: models are audited, never patched (``policy``
+    is then unused). ``problems`` lists every bad value, one sentence each. When it is not empty nothing is
     patched (``patching`` is false), whatever the other fields say. A plain class, not a
     dataclass or namedtuple: their imports would cost milliseconds at interpreter start.
     """
 
-    __slots__ = ("enabled", "policy", "strict", "disabled_adapters", "problems")
+    __slots__ = ("enabled", "policy", "strict", "disabled_adapters", "problems", "audit")
     enabled: bool
     policy: str
     strict: bool
     disabled_adapters: frozenset[str]
     problems: tuple[str, ...]
+    audit: bool
 
     def __init__(
         self,
@@ -82,8 +89,10 @@ class AutoSettings:
         strict: bool = False,
         disabled_adapters: frozenset[str] = frozenset(),
         problems: tuple[str, ...] = (),
+        audit: bool = False,
     ) -> None:
-        for name, value in zip(self.__slots__, (enabled, policy, strict, disabled_adapters, problems), strict=True):
+        values = (enabled, policy, strict, disabled_adapters, problems, audit)
+        for name, value in zip(self.__slots__, values, strict=True):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -121,7 +130,8 @@ def read_settings(environ: Mapping[str, str]) -> AutoSettings:
     The refining variables are only read when :data:`MASKPATCH_AUTO` is on. Bad values end up
     in ``AutoSettings.problems`` instead of raising, because this runs at interpreter start.
     """
-    enabled, problem = _read_bool(environ, MASKPATCH_AUTO)
+    audit = environ.get(MASKPATCH_AUTO, "").strip().lower() == AUDIT_VALUE
+    enabled, problem = (True, "") if audit else _read_bool(environ, MASKPATCH_AUTO)
     if problem:
         # Under an unreadable switch, honour MASKPATCH_STRICT so strict jobs still fail loudly.
         strict, _ = _read_bool(environ, MASKPATCH_STRICT)
@@ -137,6 +147,7 @@ def read_settings(environ: Mapping[str, str]) -> AutoSettings:
         strict=strict,
         disabled_adapters=parse_adapter_list(environ.get(MASKPATCH_DISABLED_ADAPTERS, "")),
         problems=problems,
+        audit=audit,
     )
 
 
@@ -154,7 +165,8 @@ def _read_bool(environ: Mapping[str, str], name: str) -> tuple[bool, str]:
         return True, ""
     if value in FALSE_VALUES:
         return False, ""
-    return False, f"{name}={raw!r} is not a boolean (expected one of 1/0, true/false, yes/no, on/off)"
+    extra = f" or {AUDIT_VALUE!r}" if name == MASKPATCH_AUTO else ""
+    return False, f"{name}={raw!r} is not a boolean (expected one of 1/0, true/false, yes/no, on/off{extra})"
 
 
 def _read_policy(environ: Mapping[str, str]) -> tuple[str, str]:

@@ -247,3 +247,77 @@ def test_observers_dispatch_no_tensor_op(tiny_bert):
                 assert peft_observer(pm, (), {"input_ids": IDS, "attention_mask": MASK}, peft_out) is None
             assert counter.ops == 0 and counter.syncs == 0
     assert len(report.findings) == 2
+
+
+# --- MASKPATCH_AUTO=audit: the whole process -------------------------------------------------------
+
+
+def test_auto_setting_audit_is_read_as_audit_mode():
+    """MASKPATCH_AUTO=audit (any case) turns auto-enable on in audit mode; a misspelling is a problem naming 'audit'."""
+    from maskpatch import constants
+
+    settings = constants.read_settings({"MASKPATCH_AUTO": " Audit ", "MASKPATCH_POLICY": "strip"})
+    assert settings.enabled and settings.audit and settings.patching and not settings.problems
+    assert not constants.read_settings({"MASKPATCH_AUTO": "1"}).audit
+    bad = constants.read_settings({"MASKPATCH_AUTO": "audits"})
+    assert not bad.patching and "'audit'" in bad.problems[0]
+
+
+AUDIT_PROBE = """
+import json, sys, warnings
+import torch
+warnings.simplefilter("always")
+sys.path.insert(0, sys.argv[2])
+from helpers import add_prompt_learning, st_model
+import maskpatch
+from maskpatch import autoenable
+from maskpatch.auditing import AuditHook
+
+model = add_prompt_learning(st_model(sys.argv[1]), m=4)
+texts = ["hello world", "a considerably longer sentence so that the first one is padded"]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    audited = model.encode(texts, convert_to_tensor=True)
+    model.encode(texts, convert_to_tensor=True)
+drift = [str(w.message) for w in caught if issubclass(w.category, maskpatch.DriftWarning)]
+report = autoenable.process_audit_report()
+for module in model.modules():  # take the observers off by hand: the unpatched reference
+    for key in [k for k, h in module._forward_hooks.items() if isinstance(h, AuditHook)]:
+        del module._forward_hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+plain = model.encode(texts, convert_to_tensor=True)
+print(json.dumps({
+    "patched": maskpatch.is_patched(model),
+    "config_audit": autoenable.current_config().audit,
+    "identical": bool(torch.equal(audited, plain)),
+    "warnings": len(drift),
+    "findings": [[f.model, f.site, f.output_length - f.mask_length, f.num_virtual_tokens] for f in report.findings],
+}))
+"""
+
+
+@pytest.mark.slow
+def test_maskpatch_auto_audit_reports_every_created_model_and_changes_nothing(tiny_bert):
+    """Under MASKPATCH_AUTO=audit a new SentenceTransformer is audited, not patched: same output, one finding, one warning."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASKPATCH_") and k != "PYTHONPATH"}
+    env.update(MASKPATCH_AUTO="audit", HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    result = subprocess.run(
+        [sys.executable, "-c", AUDIT_PROBE, tiny_bert, str(root / "tests")],
+        capture_output=True, text=True, env=env, cwd=str(root), timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {
+        "patched": False,
+        "config_audit": True,
+        "identical": True,
+        "warnings": 1,
+        "findings": [["SentenceTransformer", "0", 4, 4]],
+    }
