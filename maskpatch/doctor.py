@@ -33,10 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from .api import patched
+from .auditing import AuditReport, audit
+from .errors import DriftWarning
 from .drift import POLICIES
 from .layout import active_layout
 
-__all__ = ["DoctorError", "Drift", "PolicyResult", "Report", "diagnose", "main"]
+__all__ = ["DoctorError", "Drift", "PolicyResult", "Report", "audit_saved", "diagnose", "format_audit", "main"]
 
 SHORT = "hello world"
 LONG = "a considerably longer sentence, so that the short one is padded when both are in one batch"
@@ -294,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", metavar="ADAPTER_DIR", help="a saved PEFT adapter to put on the model")
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="auto", help="how to load MODEL_DIR")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--audit",
+        nargs="+",
+        metavar="TEXT",
+        help="instead of the probe, run the model's own inference API on these texts (one batch) in audit mode "
+        "and report every place a token-level output and its mask disagree",
+    )
     return parser
 
 
@@ -304,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and usage errors
         return int(exc.code or 0)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.audit:
+        return _main_audit(args)
     try:
         report = diagnose(args.model_dir, adapter_dir=args.adapter, model_type=args.model_type)
     except DoctorError as exc:
@@ -311,3 +322,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_LOAD
     print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
     return EXIT_OK if report.healthy else EXIT_PROBLEM
+
+
+# --- --audit: audit mode on sample texts ----------------------------------------------------------
+
+
+def audit_saved(
+    model_dir: str | os.PathLike[str],
+    texts: Sequence[str],
+    *,
+    adapter_dir: str | os.PathLike[str] | None = None,
+    model_type: str = "auto",
+) -> AuditReport:
+    """Load ``model_dir`` (and ``adapter_dir``) and encode ``texts`` in one batch under :func:`maskpatch.audit`.
+
+    A CrossEncoder scores each text paired with itself. Returns the audit's report; the model is
+    never patched. Raises :class:`DoctorError` when a directory cannot be loaded or ``texts`` is empty.
+    """
+    if not texts:
+        raise DoctorError("expected at least one text to audit, but got none")
+    model_type = _resolve_model_type(Path(model_dir), model_type)
+    model = _load(Path(model_dir), model_type)
+    if adapter_dir is not None:
+        _attach_adapter(model, Path(adapter_dir))
+    model.eval()
+    inputs: list[Any] = [(t, t) for t in texts] if model_type == "CrossEncoder" else list(texts)
+    with warnings.catch_warnings(), audit(model) as report:
+        warnings.simplefilter("ignore", DriftWarning)  # the report says it all, once
+        _runner(model)(inputs)
+    return report
+
+
+def format_audit(model_dir: str, report: AuditReport) -> str:
+    """Return ``report`` as the text ``maskpatch doctor --audit`` prints."""
+    lines = [f"maskpatch doctor --audit: {model_dir}"]
+    if not report.findings:
+        lines.append("ok: no token-level output disagreed with its mask; this model is not affected")
+        return "\n".join(lines)
+    for finding in report.findings:
+        where = f"{finding.model}.{finding.site}" if finding.site else finding.model
+        adapter = "none" if finding.adapter is None else f"{finding.adapter!r} (M={finding.num_virtual_tokens})"
+        lines.append(
+            f"  {where} ({finding.module_type}) {finding.output!r}: {finding.output_length} positions, mask "
+            f"{finding.mask_length}; active adapter {adapter}; {'explained' if finding.explained else 'NOT explained'}"
+        )
+        lines.extend(f"    {policy:<7} {what}" for policy, what in finding.policies.items())
+    if all(f.explained for f in report.findings):
+        lines.append("affected: repairable; use maskpatch.apply(model, policy=...) or MASKPATCH_AUTO=1")
+    else:
+        lines.append("problem: drift the active adapter does not explain; maskpatch will refuse it (DriftError)")
+    return "\n".join(lines)
+
+
+def _main_audit(args: argparse.Namespace) -> int:
+    """``--audit``: exit 0 when nothing or only repairable drift is found, 1 for unexplained drift, 2 on load errors."""
+    try:
+        report = audit_saved(args.model_dir, args.audit, adapter_dir=args.adapter, model_type=args.model_type)
+    except DoctorError as exc:
+        print(f"maskpatch doctor: error: {exc}", file=sys.stderr)
+        return EXIT_LOAD
+    if args.json:
+        print(json.dumps({"model_dir": str(args.model_dir), "findings": [asdict(f) for f in report.findings]}, indent=2))
+    else:
+        print(format_audit(str(args.model_dir), report))
+    return EXIT_OK if all(f.explained for f in report.findings) else EXIT_PROBLEM
