@@ -17,7 +17,10 @@ A forward hook on ``module`` then applies the policy to what the module returns:
   (``extend``) or ``M`` non-attending ones (``ignore``).
 
 The module itself is responsible for masking its own prepended tokens inside; maskpatch only
-lines the outputs and the caller's mask up again. This adapter is never chosen automatically:
+lines the outputs and the caller's mask up again. One exception: torch's ``nn.TransformerEncoder``,
+``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` inside ``module`` that get the
+caller's ``N``-long ``key_padding_mask`` for an ``N + M`` sequence get ``M`` attending entries in
+front of it (:mod:`maskpatch.adapters.key_padding`). This adapter is never chosen automatically:
 ``prepended_tokens`` selects it.
 """
 
@@ -34,6 +37,7 @@ from ..drift import Policy, prefix_mask, strip_positions
 from ..errors import AlreadyPatchedError, DriftError, PolicyError, UnsupportedModelError
 from ..handle import HookSpec, iter_hooks
 from ..hooks import InstallRecord, MaskpatchHook
+from .key_padding import key_padding_specs
 
 __all__ = [
     "PrependedOutputHook",
@@ -70,7 +74,8 @@ class PrependedTokensAdapter:
         return isinstance(model, nn.Module)
 
     def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
-        return [HookSpec(model, PrependedOutputHook(record, self.count))]
+        # torch key-padding modules inside get their mask extended (see maskpatch.adapters.key_padding).
+        return [HookSpec(model, PrependedOutputHook(record, self.count)), *key_padding_specs(model, record, self.count)]
 
 
 class PrependedOutputHook(MaskpatchHook):
