@@ -27,10 +27,11 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters.peft import _ENCODER_FIELDS, _FIELDS, PeftOutputHook, _as_kwargs, _input_length, _kind
 from .adapters.sentence_transformers import TransformerOutputHook
+from .adapters.x_transformers import XtOutputHook
 from .drift import POLICIES
 from .errors import DriftWarning, UnsupportedModelError
 from .hooks import LOCK, InstallRecord
-from .layout import active_layout
+from .layout import VirtualLayout, active_layout
 from .registry import find_adapter
 
 __all__ = [
@@ -162,12 +163,18 @@ class AuditHook:
         self.site = site
         self.module_type = module_type
 
-    def observe(self, output: str, output_length: int, mask_length: int, owner: Any) -> None:
-        """Record the drift of ``output`` at this site, once; ``owner`` holds the PEFT adapter (if any)."""
+    def observe(
+        self, output: str, output_length: int, mask_length: int, owner: Any, *, layout: VirtualLayout | None = None
+    ) -> None:
+        """Record the drift of ``output`` at this site, once.
+
+        ``owner`` holds the PEFT adapter (if any) whose layout explains the drift; a family that
+        prepends without PEFT passes its ``layout`` instead.
+        """
         key = (self.model, self.site, self.module_type, output)
         if self.report.seen(key):
             return
-        layout = active_layout(owner)
+        layout = active_layout(owner) if layout is None else layout
         m = layout.num_virtual_tokens
         finding = Finding(
             model=self.model,
@@ -223,6 +230,25 @@ class PeftOutputObserver(AuditHook):
                 self.observe(name, tensor.shape[dims[-1]], n, module)
 
 
+class XtOutputObserver(AuditHook):
+    """Observer at :class:`~maskpatch.adapters.x_transformers.XtOutputHook`'s site: the logits or embeddings.
+
+    The caller's mask has the ``N`` columns of the token ids ``x``; ``prepend_embeds`` make the
+    main output ``P + N`` long (x-transformers pads its own copy of the mask).
+    """
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        x, prepend = args[0] if args else kwargs.get("x"), kwargs.get("prepend_embeds")
+        main = output[0] if isinstance(output, tuple) and output else output
+        main = main[0] if isinstance(main, tuple) and main else main
+        if kwargs.get("excise_prepend_embeds") or kwargs.get("cache") is not None or not isinstance(prepend, Tensor):
+            return
+        if isinstance(x, Tensor) and isinstance(main, Tensor) and main.dim() >= 2 and x.dim() >= 2:
+            if main.shape[1] > x.shape[1]:
+                layout = VirtualLayout("prepend_embeds", "x-transformers", int(prepend.shape[1]))
+                self.observe("logits/embeddings", main.shape[1], x.shape[1], None, layout=layout)
+
+
 #: The type of a factory that builds the observer for one repair hook site.
 ObserverFactory = Callable[[AuditReport, str, str, nn.Module], AuditHook]
 
@@ -242,6 +268,7 @@ def _peft_observer(report: AuditReport, model: str, site: str, module: nn.Module
 _OBSERVERS: dict[type, ObserverFactory] = {
     TransformerOutputHook: _observer_class(TransformerOutputObserver),
     PeftOutputHook: _peft_observer,
+    XtOutputHook: _observer_class(XtOutputObserver),
 }
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 from ..registry import register_adapter
 from .peft import PeftAdapter
 from .sentence_transformers import SentenceTransformersAdapter
+from .x_transformers import XTransformersAdapter
 
-__all__ = ["PeftAdapter", "SentenceTransformersAdapter", "register_builtin_adapters"]
+__all__ = ["PeftAdapter", "SentenceTransformersAdapter", "XTransformersAdapter", "register_builtin_adapters"]
 
 
 def register_builtin_adapters() -> None:
     """Register maskpatch's own adapters (idempotent)."""
     register_adapter(SentenceTransformersAdapter(), replace=True)
     register_adapter(PeftAdapter(), replace=True)  # after sentence-transformers: a PeftModel called directly
+    register_adapter(XTransformersAdapter(), replace=True)

@@ -427,6 +427,11 @@ def output_mask(
         raise UnsupportedModelError(
             f"expected a model patched with maskpatch.apply(...), but {type(model).__name__} is not patched"
         )
+    if record.adapter == "x-transformers":  # the prepended count is per call there
+        raise PolicyError(
+            "an x-transformers install prepends prepend_embeds per call: use "
+            "maskpatch.adapters.x_transformers.output_mask(model, mask, prepend=prepend_embeds)"
+        )
     if attention_mask.dim() != 2:
         raise PolicyError(f"expected a 2-D (batch, tokens) attention_mask, but got shape {tuple(attention_mask.shape)}")
     layout = _peft_layout(model)

@@ -245,9 +245,16 @@ def _peft_model_sample(tiny_model_dir) -> nn.Module:
 
 #: adapter name -> factory(tiny_model_dir) of a model the adapter matches. An adapter registered
 #: without a sample here fails the plan contract below: add one when you add an adapter.
+def _x_transformers_sample(tiny_model_dir) -> nn.Module:
+    from x_transformers import Encoder, TransformerWrapper
+
+    return TransformerWrapper(num_tokens=50, max_seq_len=32, num_memory_tokens=2, attn_layers=Encoder(dim=16, depth=1, heads=2))
+
+
 SAMPLES: dict[str, Callable[..., nn.Module]] = {
     "sentence-transformers": _sentence_transformer_sample,
     "peft": _peft_model_sample,
+    "x-transformers": _x_transformers_sample,
 }
 
 ADAPTERS = registered_adapters()
