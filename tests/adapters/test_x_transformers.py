@@ -26,7 +26,7 @@ import maskpatch
 from helpers import state
 from maskpatch.adapters.x_transformers import output_mask
 
-x_transformers = pytest.importorskip("x_transformers")  # an optional extra; CI installs it with [test]
+import x_transformers  # noqa: E402 - the optional extra [x-transformers], part of [test]
 
 P, K, D, N = 3, 2, 16, 5
 TOL = 1e-5
