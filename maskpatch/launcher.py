@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .constants import (
+    AUDIT_VALUE,
     MASKPATCH_AUTO,
     MASKPATCH_DISABLED_ADAPTERS,
     MASKPATCH_POLICY,
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAMES",
         help=f"sets {MASKPATCH_DISABLED_ADAPTERS}: comma-separated adapter names to leave alone",
     )
+    parser.add_argument(
+        "--audit", action="store_true", help=f"sets {MASKPATCH_AUTO}=audit: report drift, patch nothing"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, e.g. python train.py")
     return parser
 
@@ -63,13 +67,15 @@ def launch_environment(
     policy: str | None = None,
     strict: bool = False,
     disabled_adapters: str | None = None,
+    audit: bool = False,
 ) -> dict[str, str]:
     """Return a copy of ``environ`` with auto-enable on and the bootstrap folder first on ``PYTHONPATH``.
 
-    Options left at their defaults keep whatever ``environ`` already says.
+    Options left at their defaults keep whatever ``environ`` already says. ``audit`` turns on
+    audit mode (``MASKPATCH_AUTO=audit``) instead of patching.
     """
     env = dict(environ)
-    env[MASKPATCH_AUTO] = "1"
+    env[MASKPATCH_AUTO] = AUDIT_VALUE if audit else "1"
     if policy is not None:
         env[MASKPATCH_POLICY] = policy
     if strict:
@@ -89,7 +95,11 @@ def main(argv: Sequence[str]) -> int:
     if not command:
         parser.error("missing the command to run, e.g. maskpatch run -- python train.py")
     env = launch_environment(
-        os.environ, policy=options.policy, strict=options.strict, disabled_adapters=options.disable_adapters
+        os.environ,
+        policy=options.policy,
+        strict=options.strict,
+        disabled_adapters=options.disable_adapters,
+        audit=options.audit,
     )
     return _exec(command, env)
 

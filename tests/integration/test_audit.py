@@ -321,3 +321,13 @@ def test_maskpatch_auto_audit_reports_every_created_model_and_changes_nothing(ti
         "warnings": 1,
         "findings": [["SentenceTransformer", "0", 4, 4]],
     }
+
+
+def test_launcher_audit_option_sets_the_variable():
+    """`maskpatch run --audit` sets MASKPATCH_AUTO=audit (and the default stays 1)."""
+    from maskpatch import launcher
+
+    options = launcher.build_parser().parse_args(["--audit", "--", "python", "x.py"])
+    assert options.audit is True
+    assert launcher.launch_environment({}, audit=True)["MASKPATCH_AUTO"] == "audit"
+    assert launcher.launch_environment({})["MASKPATCH_AUTO"] == "1"
