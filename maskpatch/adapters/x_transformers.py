@@ -82,6 +82,7 @@ class XtCall:
     front: int
     excise: bool
     mems_returned: bool
+    pooled: bool = False
 
 
 # The wrapper calls in progress on this thread or task, innermost last (never stored on a module).
@@ -102,7 +103,7 @@ class XtCallHook(MaskpatchHook):
         p = int(prepend.shape[1]) if isinstance(prepend, Tensor) else 0
         front = p + _layer_tokens(module)
         excise = bool(kwargs.get("excise_prepend_embeds")) and p > 0
-        call = XtCall(module, n, p, front, excise, bool(kwargs.get("return_mems")))
+        call = XtCall(module, n, p, front, excise, bool(kwargs.get("return_mems")), _pools(module))
         _CALLS.set((*_CALLS.get(), call))
         if excise:  # cut by maskpatch instead: x-transformers' own cut crashes with return_embeddings
             return args, {**kwargs, "excise_prepend_embeds": False}
@@ -123,6 +124,14 @@ class XtOutputHook(MaskpatchHook):
         if output is None:  # the forward raised
             return None
         return _repair(output, call, self.record.policy, type(module).__name__)
+
+
+def _pools(wrapper: nn.Module) -> bool:
+    """Whether ``wrapper``'s main output is pooled (CLS tokens, or attention pooling of an encoder): no token axis."""
+    if getattr(wrapper, "cls_token", None) is not None:
+        return True
+    layers = getattr(wrapper, "attn_layers", None)
+    return getattr(wrapper, "attn_pool", None) is not None and not getattr(layers, "causal", False)
 
 
 def _layer_tokens(wrapper: nn.Module) -> int:
@@ -161,7 +170,7 @@ class _Fix:
         self.call, self.strip, self.where = call, policy == "strip", where
 
     def main(self, tensor: Any, cut: int) -> Any:
-        if not isinstance(tensor, Tensor) or tensor.dim() < 2 or tensor.shape[1] <= self.call.n:
+        if self.call.pooled or not isinstance(tensor, Tensor) or tensor.dim() < 2 or tensor.shape[1] <= self.call.n:
             return tensor
         excess = tensor.shape[1] - self.call.n
         if excess != self.call.p:

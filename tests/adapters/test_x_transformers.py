@@ -191,3 +191,18 @@ def test_audit_records_prepend_drift_without_changing_the_output():
     (finding,) = report.findings
     assert (finding.output_length, finding.mask_length, finding.num_virtual_tokens) == (N + P, N, P)
     assert finding.explained and finding.adapter == "prepend_embeds"
+
+
+def test_cls_token_output_is_pooled_and_left_alone_but_intermediates_are_cut():
+    """With 6 CLS tokens (more than N) the pooled output is untouched; hiddens lose C + P under strip."""
+    torch.manual_seed(0)
+    model = x_transformers.TransformerWrapper(
+        num_tokens=50, max_seq_len=32, use_cls_token=True, num_cls_tokens=6,
+        attn_layers=x_transformers.Encoder(dim=D, depth=1, heads=2),
+    ).eval()
+    with torch.no_grad():
+        ref, ref_inter = model(IDS, mask=MASK, prepend_embeds=prompt(), return_intermediates=True)
+        with maskpatch.patched(model, policy="strip"):
+            out, inter = model(IDS, mask=MASK, prepend_embeds=prompt(), return_intermediates=True)
+    assert torch.equal(out, ref) and ref.shape[1] == 6
+    assert torch.equal(inter.hiddens[0], ref_inter.hiddens[0][:, 6 + P :])
