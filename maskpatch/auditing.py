@@ -243,10 +243,11 @@ class XtOutputObserver(AuditHook):
         main = main[0] if isinstance(main, tuple) and main else main
         if kwargs.get("excise_prepend_embeds") or kwargs.get("cache") is not None or not isinstance(prepend, Tensor):
             return
-        if isinstance(x, Tensor) and isinstance(main, Tensor) and main.dim() >= 2 and x.dim() >= 2:
-            if main.shape[1] > x.shape[1]:
-                layout = VirtualLayout("prepend_embeds", "x-transformers", int(prepend.shape[1]))
-                self.observe("logits/embeddings", main.shape[1], x.shape[1], None, layout=layout)
+        if not (isinstance(x, Tensor) and isinstance(main, Tensor) and main.dim() >= 2 and x.dim() >= 2):
+            return
+        if main.shape[1] > x.shape[1]:
+            layout = VirtualLayout("prepend_embeds", "x-transformers", int(prepend.shape[1]))
+            self.observe("logits/embeddings", main.shape[1], x.shape[1], None, layout=layout)
 
 
 #: The type of a factory that builds the observer for one repair hook site.

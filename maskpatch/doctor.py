@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from .api import patched
 from .auditing import AuditReport, audit
-from .errors import DriftWarning
 from .drift import POLICIES
+from .errors import DriftWarning
 from .layout import active_layout
 
 __all__ = ["DoctorError", "Drift", "PolicyResult", "Report", "audit_saved", "diagnose", "format_audit", "main"]

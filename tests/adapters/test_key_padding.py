@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import state
 from torch import Tensor, nn
 
 import maskpatch
-from helpers import state
 from maskpatch import MaskConvention
 from maskpatch.adapters.key_padding import KeyPaddingMaskHook
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import x_transformers
+from helpers import state
 from torch import Tensor
 
 import maskpatch
-from helpers import state
 from maskpatch.adapters.x_transformers import output_mask
-
-import x_transformers  # noqa: E402 - the optional extra [x-transformers], part of [test]
 
 P, K, D, N = 3, 2, 16, 5
 TOL = 1e-5
