@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from ..registry import register_adapter
 from .peft import PeftAdapter
+from .pipelines import PipelineAdapter
 from .sentence_transformers import SentenceTransformersAdapter
+from .trainer import TrainerAdapter
 
-__all__ = ["PeftAdapter", "SentenceTransformersAdapter", "register_builtin_adapters"]
+__all__ = ["PeftAdapter", "PipelineAdapter", "SentenceTransformersAdapter", "TrainerAdapter", "register_builtin_adapters"]
 
 
 def register_builtin_adapters() -> None:
     """Register maskpatch's own adapters (idempotent)."""
     register_adapter(SentenceTransformersAdapter(), replace=True)
     register_adapter(PeftAdapter(), replace=True)  # after sentence-transformers: a PeftModel called directly
+    register_adapter(PipelineAdapter(), replace=True)  # hosts: objects that call a PeftModel (not modules)
+    register_adapter(TrainerAdapter(), replace=True)
