@@ -47,11 +47,11 @@ import wrapt
 from torch import nn
 
 from . import api
+from .adapters.hosts import HostAdapter, host_adapter
 from .constants import INSTRUMENTED_MODULES, parse_adapter_list
 from .drift import Policy, validate_policy
 from .errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
 from .handle import iter_hooks, remove_hooks
-from .adapters.hosts import HostAdapter, host_adapter
 from .layout import is_peft_model
 from .registry import find_adapter, registered_adapters
 

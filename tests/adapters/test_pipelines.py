@@ -295,7 +295,7 @@ def test_text_generation_equals_greedy_by_hand_alone_and_batched(generator, left
     (unpatched, the left-padded row differs)."""
     pipe = make_pipeline("text-generation", generator, left_tokenizer)
     expected = [greedy_by_hand(generator, pipe.preprocess(text)["input_ids"][0].tolist()) for text in TEXTS]
-    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_tensors=True)
+    options = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "return_tensors": True}
     pad = left_tokenizer.pad_token_id
     # The bug: unpatched, PEFT drops the position ids, so a left-padded text generates other tokens.
     assert _generated(run(pipe, TEXTS, batch_size=3, **options)[0], pad) != expected[0]
@@ -370,9 +370,14 @@ def test_unsupported_pipelines_and_models_are_refused(tokenizer):
 
 
 def test_auto_enable_patches_new_pipelines_around_prompt_learning_models(tokenizer):
-    """With auto-enable on, a token-classification pipeline built around a new prompt-tuned model just works."""
+    """With auto-enable on, a token-classification pipeline built around a new prompt-tuned model just works;
+    disable() puts back the pipeline classes' very same __init__ objects."""
+    from transformers.pipelines import Pipeline, TokenClassificationPipeline
+
     from maskpatch import autoenable
 
+    classes = (Pipeline, TokenClassificationPipeline)
+    before = [cls.__dict__["__init__"] for cls in classes]
     try:
         autoenable.enable(policy="extend")
         pm = peft_model("BertForTokenClassification", "TOKEN_CLS", tokenizer.vocab_size, num_labels=5,
@@ -386,3 +391,4 @@ def test_auto_enable_patches_new_pipelines_around_prompt_learning_models(tokeniz
         assert not maskpatch.is_patched(plain)
     finally:
         autoenable.disable()
+    assert [cls.__dict__["__init__"] for cls in classes] == before
