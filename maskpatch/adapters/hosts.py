@@ -40,7 +40,7 @@ from ..handle import LOCK, HookSpec, PatchHandle, find_record, install, remove_h
 from ..hooks import InstallRecord, MaskpatchHook
 from ..layout import is_peft_model
 from ..registry import check_requirements, find_adapter, registered_adapters
-from .peft import CALL_KEY, PeftCall
+from .peft import CALL_KEY, PeftCall, PeftCallHook
 
 __all__ = [
     "AlignOutputHook",
@@ -177,8 +177,10 @@ def remove_host_wrappers() -> int:
 class HostAdapter:
     """Base class of the adapters for hosts; a subclass names the host class and the method to wrap.
 
-    ``plan(host, record)`` returns the hooks for ``host.model``: the model's own adapter's plan
-    when it is not patched yet, then an :class:`AlignOutputHook`. It changes nothing.
+    ``plan(host, record)`` returns the hooks for ``host.model``: the ``peft`` adapter's plan when
+    the PeftModel has no install of its own yet, then an :class:`AlignOutputHook`. It changes
+    nothing. (A PeftModel inside a patched sentence-transformers model has none of its own: that
+    install only covers calls made through sentence-transformers.)
     """
 
     name: ClassVar[str]
@@ -214,7 +216,7 @@ class HostAdapter:
 
     def plan(self, model: Any, record: InstallRecord) -> list[HookSpec]:
         target = self.model_of(model)
-        specs = [] if find_record(target) is not None else find_adapter(target).plan(target, record)
+        specs = [] if has_own_install(target) else find_adapter(target).plan(target, record)
         return [*specs, HookSpec(target, AlignOutputHook(record))]
 
     def ensure_wrapper(self) -> None:
@@ -222,6 +224,11 @@ class HostAdapter:
         host = self.host_type()
         if host is not None:
             ensure_host_wrapper(host, self.host_class[2])
+
+
+def has_own_install(peft_model: nn.Module) -> bool:
+    """Return whether ``peft_model`` itself is patched (carries the ``peft`` adapter's call hook)."""
+    return any(isinstance(h, PeftCallHook) for h in peft_model._forward_pre_hooks.values())
 
 
 def host_adapter(obj: object) -> HostAdapter | None:
@@ -292,7 +299,7 @@ def _install_host(
             return PatchHandle(model, _host_record(model)), True
         if check_versions:
             check_requirements(adapter)
-            if existing is None:
+            if not has_own_install(model):
                 check_requirements(find_adapter(model))
         record = InstallRecord(policy, adapter.name, pinned=pinned, root=model)
         install(adapter.plan(host, record))

@@ -352,6 +352,19 @@ def test_an_existing_install_of_the_model_is_joined_and_kept(encoder, tokenizer)
     assert state(encoder) == before
 
 
+def test_a_peft_model_inside_a_patched_sentence_transformer_gets_its_own_call_hooks(tiny_model_dir):
+    """The sentence-transformers install covers only calls through sentence-transformers: a pipeline around
+    its PeftModel still gets N real-token vectors, equal to the unpatched model's [:, M:]."""
+    from helpers import add_prompt_learning, st_model
+
+    st = add_prompt_learning(st_model(tiny_model_dir("bert")), m=M)
+    pm = st[0].model
+    pipe = make_pipeline("feature-extraction", pm, st.tokenizer)
+    ref = real_token_outputs(pm, st.tokenizer(TEXTS[0], return_tensors="pt"))["last_hidden_state"][0]
+    with maskpatch.patched(st, policy="extend"), maskpatch.patched(pipe, policy="extend"):
+        torch.testing.assert_close(torch.tensor(run(pipe, TEXTS[0])[0]), ref, atol=ATOL, rtol=0)
+
+
 def test_unsupported_pipelines_and_models_are_refused(tokenizer):
     """A pipeline around a model that is not a PeftModel, or of a task maskpatch does not line up, raises."""
     import transformers
