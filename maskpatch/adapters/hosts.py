@@ -83,8 +83,15 @@ class AlignOutputHook(MaskpatchHook):
 
     Outside a host's call it does nothing. Registered after the model's own output hook, so it
     sees what the install's policy made of the output: ``N + M`` positions under ``extend`` and
-    ``ignore`` (cut here), ``N`` under ``strip`` (left alone).
+    ``ignore`` (cut here), ``N`` under ``strip`` (left alone). A copy (``pickle``, ``deepcopy``)
+    puts the host's class wrapper back when it is loaded, e.g. in a fresh worker process.
     """
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        adapter = next((a for a in registered_adapters() if a.name == self.record.adapter), None)
+        if isinstance(adapter, HostAdapter):  # now, or when the host's library is imported
+            wrapt.register_post_import_hook(adapter.on_import, adapter.host_class[0])
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not any(owner is module for owner in _ALIGNING.get()):
@@ -224,6 +231,10 @@ class HostAdapter:
         host = self.host_type()
         if host is not None:
             ensure_host_wrapper(host, self.host_class[2])
+
+    def on_import(self, module: object) -> None:
+        """Post-import hook for the host's module: :meth:`ensure_wrapper`."""
+        self.ensure_wrapper()
 
 
 def has_own_install(peft_model: nn.Module) -> bool:

@@ -365,6 +365,24 @@ def test_a_peft_model_inside_a_patched_sentence_transformer_gets_its_own_call_ho
         torch.testing.assert_close(torch.tensor(run(pipe, TEXTS[0])[0]), ref, atol=ATOL, rtol=0)
 
 
+def test_a_pickled_model_of_a_patched_pipeline_works_in_a_new_pipeline_after_a_fresh_start(tagger, tokenizer):
+    """A copy keeps the pipeline's hook and, when loaded, puts back the class wrapper a fresh process lacks
+    (simulated by taking it off): a new pipeline around the copy gives the hand reference, not an IndexError."""
+    import pickle
+
+    from maskpatch.adapters.hosts import remove_host_wrappers
+
+    expected = token_classification_by_hand(make_pipeline("token-classification", tagger, tokenizer), tagger, TEXTS[1],
+                                            "none")
+    with maskpatch.patched(make_pipeline("token-classification", tagger, tokenizer), policy="extend"):
+        blob = pickle.dumps(tagger)
+    assert remove_host_wrappers() >= 1
+    copy_ = pickle.loads(blob)
+    pipe = make_pipeline("token-classification", copy_, tokenizer)
+    assert maskpatch.is_patched(pipe)
+    assert_entities_equal(run(pipe, TEXTS[1]), expected)
+
+
 def test_unsupported_pipelines_and_models_are_refused(tokenizer):
     """A pipeline around a model that is not a PeftModel, or of a task maskpatch does not line up, raises."""
     import transformers
