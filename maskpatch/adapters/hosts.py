@@ -257,7 +257,9 @@ def apply_host(
     adapter: HostAdapter, host: Any, *, policy: Policy, check_versions: bool, prepended_tokens: int | None
 ) -> PatchHandle:
     """:func:`maskpatch.apply` for a host (see the module docstring)."""
-    handle, joined = _install_host(adapter, host, policy, check_versions, prepended_tokens, pinned=True)
+    with LOCK:
+        handle, joined = _install_host(adapter, host, policy, check_versions, prepended_tokens, pinned=True)
+        handle._record.pinned = True
     if joined:
         warnings.warn(
             f"this {type(host).__name__} is already patched by maskpatch (policy {handle.policy!r}); "
@@ -265,7 +267,6 @@ def apply_host(
             MaskpatchWarning,
             stacklevel=3,
         )
-        handle._record.pinned = True
     return handle
 
 
@@ -274,8 +275,8 @@ def patched_host(
     adapter: HostAdapter, host: Any, *, policy: Policy, check_versions: bool, prepended_tokens: int | None
 ) -> Iterator[PatchHandle]:
     """:func:`maskpatch.patched` for a host: blocks nest, and the last one to exit removes the install."""
-    handle, _ = _install_host(adapter, host, policy, check_versions, prepended_tokens, pinned=False)
-    with LOCK:
+    with LOCK:  # one lock for the install and the count, so a block exiting elsewhere cannot remove it between
+        handle, _ = _install_host(adapter, host, policy, check_versions, prepended_tokens, pinned=False)
         handle._record.contexts += 1
     try:
         yield handle
