@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .adapters.generic import PrependedTokensAdapter, check_same_count, validate_count
+from .adapters.hosts import apply_host, host_adapter, is_host_patched, patched_host, remove_host
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
 from .handle import LOCK as _LOCK
@@ -35,7 +36,14 @@ def apply(
 
     ``prepended_tokens=M`` patches a module that prepends ``M`` tokens by itself, without PEFT
     (see :mod:`maskpatch.adapters.generic` and :func:`maskpatch.prepended_mask`).
+
+    ``model`` may also be a host that calls a PeftModel for the user: a transformers ``Pipeline``
+    or ``Trainer``. Its model is patched with ``policy``, and the host itself always sees outputs
+    lined up with its own tokens (see :mod:`maskpatch.adapters.hosts`).
     """
+    host = host_adapter(model)
+    if host is not None:
+        return apply_host(host, model, policy=policy, check_versions=check_versions, prepended_tokens=prepended_tokens)
     policy = _validate(model, policy, prepended_tokens)
     with _LOCK:
         record = _joinable_record(model, policy, prepended_tokens)
@@ -60,8 +68,14 @@ def patched(
     Blocks nest, on one thread or several: a block entered on a model that is already patched
     with the same policy joins that install, and the install is removed when the last block that
     shares it exits (never when it was made by an explicit :func:`apply`). ``prepended_tokens`` is
-    as for :func:`apply`.
+    as for :func:`apply`; ``model`` may be a host, as for :func:`apply`.
     """
+    host = host_adapter(model)
+    if host is not None:
+        options = {"policy": policy, "check_versions": check_versions, "prepended_tokens": prepended_tokens}
+        with patched_host(host, model, **options) as handle:
+            yield handle
+        return
     policy = _validate(model, policy, prepended_tokens)
     with _LOCK:
         record = _joinable_record(model, policy, prepended_tokens)
@@ -80,7 +94,10 @@ def patched(
 
 
 def is_patched(model: nn.Module) -> bool:
-    """Return whether any module of ``model`` carries a maskpatch hook."""
+    """Return whether any module of ``model`` carries a maskpatch hook (a host: whether it is patched as one)."""
+    host = host_adapter(model)
+    if host is not None:
+        return is_host_patched(host, model)
     return isinstance(model, nn.Module) and find_record(model) is not None
 
 
@@ -88,8 +105,12 @@ def remove(model: nn.Module) -> bool:
     """Remove every maskpatch hook from ``model``; return whether there was any.
 
     This is the way to unpatch a copy (``pickle``, ``copy.deepcopy``, ``torch.save``) of a patched
-    model, whose handle stayed with the original.
+    model, whose handle stayed with the original. For a host (a pipeline, a Trainer) it removes
+    every maskpatch hook from the host's model.
     """
+    host = host_adapter(model)
+    if host is not None:
+        return remove_host(host, model)
     _require_module(model)
     with _LOCK:
         return remove_hooks(model) > 0

@@ -8,7 +8,10 @@ wait for ``sentence_transformers`` and ``peft``, and then wrap, at class level w
 
 * ``sentence_transformers.base.model.BaseModel``, which every sentence-transformers model class
   (SentenceTransformer, SparseEncoder, CrossEncoder, MultiVectorEncoder, subclasses) runs once;
-* ``peft.PeftModel`` and each of its subclasses in peft (``PeftModelForFeatureExtraction``, ...).
+* ``peft.PeftModel`` and each of its subclasses in peft (``PeftModelForFeatureExtraction``, ...);
+* ``transformers.Pipeline`` and each of its subclasses in transformers, once
+  ``transformers.pipelines`` is imported: a pipeline whose model is a prompt-learning PeftModel is
+  patched as a host (:mod:`maskpatch.adapters.hosts`), others are left alone.
 
 When the outermost wrapped ``__init__`` of a new object returns, the object goes to
 :func:`maskpatch.apply` with the configured policy, if a registered adapter handles it, that
@@ -45,6 +48,7 @@ from torch import nn
 
 from . import api
 from .auditing import AuditReport, audit, is_audited
+from .adapters.hosts import HostAdapter, host_adapter
 from .constants import INSTRUMENTED_MODULES, parse_adapter_list
 from .drift import Policy, validate_policy
 from .errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
@@ -66,6 +70,9 @@ _log = logging.getLogger(__name__)
 
 #: The adapter whose install covers every PeftModel inside the model it patches.
 ST_ADAPTER = "sentence-transformers"
+
+#: Modules whose import also wraps constructors (of hosts), besides :data:`INSTRUMENTED_MODULES`.
+HOST_MODULES = ("transformers.pipelines",)
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,7 @@ def enable(
         _STATE.config = config
         register = not _STATE.hooks_registered
         _STATE.hooks_registered = True
-    for name in INSTRUMENTED_MODULES:
+    for name in (*INSTRUMENTED_MODULES, *HOST_MODULES):
         if register:  # wrapt calls the hook at once for a library imported already
             wrapt.register_post_import_hook(instrument_module, name)
         elif name in sys.modules:  # enabled again after disable(): the hooks have fired already
@@ -202,6 +209,10 @@ def _constructors(library: str) -> Iterator[type]:
         peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
         if isinstance(peft_model, type):
             yield from _with_subclasses(peft_model, package="peft")
+    elif library == "transformers.pipelines":
+        pipeline = getattr(sys.modules.get("transformers.pipelines.base"), "Pipeline", None)
+        if isinstance(pipeline, type):
+            yield from _with_subclasses(pipeline, package="transformers")
 
 
 def _with_subclasses(cls: type, *, package: str) -> Iterator[type]:
@@ -239,7 +250,7 @@ def _construct(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[
     finally:
         building.discard(key)
     config = _STATE.config
-    if config is not None and isinstance(instance, nn.Module):
+    if config is not None and (isinstance(instance, nn.Module) or host_adapter(instance) is not None):
         _patch_created(instance, config)
     return result
 
@@ -261,8 +272,12 @@ def _patch_created(model: nn.Module, config: AutoEnableConfig) -> None:
     if is_peft_model(model) and not _is_prompt_learning(model):
         _log.debug("maskpatch auto-enable: %s has no prompt-learning adapter; left unpatched", name)
         return
+    if isinstance(adapter, HostAdapter) and not _holds_prompt_learning(model):
+        _log.debug("maskpatch auto-enable: %s does not call a prompt-learning PeftModel; left unpatched", name)
+        return
     if config.audit:
-        _audit_created(model, config)
+        if not isinstance(adapter, HostAdapter):  # a host's model was audited when it was created
+            _audit_created(model, config)
         return
     if adapter.name != ST_ADAPTER and _inside_patched_st_model(model):
         _log.debug("maskpatch auto-enable: %s sits inside a patched sentence-transformers model", name)
@@ -301,6 +316,12 @@ def _is_prompt_learning(peft_model: Any) -> bool:
     """Whether the PeftModel's active adapter is prompt learning (prompt, P-, prefix, multitask tuning)."""
     config = getattr(peft_model, "active_peft_config", None)
     return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _holds_prompt_learning(host: Any) -> bool:
+    """Whether a host (a pipeline) calls a PeftModel whose active adapter is prompt learning."""
+    model = getattr(host, "model", None)
+    return is_peft_model(model) and _is_prompt_learning(model)
 
 
 def _inside_patched_st_model(model: nn.Module) -> bool:

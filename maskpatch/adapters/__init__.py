@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from ..registry import register_adapter
 from .peft import PeftAdapter
+from .pipelines import PipelineAdapter
 from .sentence_transformers import SentenceTransformersAdapter
+from .trainer import TrainerAdapter
 from .x_transformers import XTransformersAdapter
 
-__all__ = ["PeftAdapter", "SentenceTransformersAdapter", "XTransformersAdapter", "register_builtin_adapters"]
+__all__ = [
+    "PeftAdapter",
+    "PipelineAdapter",
+    "SentenceTransformersAdapter",
+    "TrainerAdapter",
+    "XTransformersAdapter",
+    "register_builtin_adapters",
+]
 
 
 def register_builtin_adapters() -> None:
@@ -19,3 +28,5 @@ def register_builtin_adapters() -> None:
     register_adapter(SentenceTransformersAdapter(), replace=True)
     register_adapter(PeftAdapter(), replace=True)  # after sentence-transformers: a PeftModel called directly
     register_adapter(XTransformersAdapter(), replace=True)
+    register_adapter(PipelineAdapter(), replace=True)  # hosts: objects that call a PeftModel (not modules)
+    register_adapter(TrainerAdapter(), replace=True)

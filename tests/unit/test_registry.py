@@ -243,18 +243,36 @@ def _peft_model_sample(tiny_model_dir) -> nn.Module:
     return add_prompt_learning(st_model(tiny_model_dir("bert")), m=4)[0].model
 
 
-#: adapter name -> factory(tiny_model_dir) of a model the adapter matches. An adapter registered
-#: without a sample here fails the plan contract below: add one when you add an adapter.
 def _x_transformers_sample(tiny_model_dir) -> nn.Module:
     from x_transformers import Encoder, TransformerWrapper
 
     return TransformerWrapper(num_tokens=50, max_seq_len=32, num_memory_tokens=2, attn_layers=Encoder(dim=16, depth=1, heads=2))
 
 
-SAMPLES: dict[str, Callable[..., nn.Module]] = {
-    "sentence-transformers": _sentence_transformer_sample,
-    "peft": _peft_model_sample,
-    "x-transformers": _x_transformers_sample,
+def _pipeline_sample(tiny_model_dir, tmp_path) -> object:
+    import transformers
+
+    return transformers.pipeline(
+        "feature-extraction", model=_peft_model_sample(tiny_model_dir), tokenizer=tiny_model_dir("bert"), device="cpu"
+    )
+
+
+def _trainer_sample(tiny_model_dir, tmp_path) -> object:
+    import transformers
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    return transformers.Trainer(model=_peft_model_sample(tiny_model_dir), args=args)
+
+
+#: adapter name -> factory(tiny_model_dir, tmp_path) of a model the adapter matches. An adapter
+#: registered without a sample here fails the plan contract below: add one when you add an adapter.
+#: Hosts (a pipeline, a Trainer) are not modules: their hooks go on the model they call.
+SAMPLES: dict[str, Callable[..., object]] = {
+    "sentence-transformers": lambda tiny, _: _sentence_transformer_sample(tiny),
+    "peft": lambda tiny, _: _peft_model_sample(tiny),
+    "x-transformers": lambda tiny, _: _x_transformers_sample(tiny),
+    "pipeline": _pipeline_sample,
+    "trainer": _trainer_sample,
 }
 
 ADAPTERS = registered_adapters()
@@ -291,17 +309,19 @@ def _module_state(model: nn.Module) -> list[tuple]:
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS, ids=[a.name for a in ADAPTERS])
-def test_adapter_contract_plan_is_pure_and_hooks_are_picklable(adapter, tiny_model_dir):
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_adapter_contract_plan_is_pure_and_hooks_are_picklable(adapter, tiny_model_dir, tmp_path):
     """plan() changes nothing, returns hooks of module-level classes bound to the record, on the model's
     own modules, that pickle and deep-copy; apply + remove through the API leaves the model as it was."""
     assert adapter.name in SAMPLES, f"add a sample model for adapter {adapter.name!r} to SAMPLES in {__file__}"
-    model = SAMPLES[adapter.name](tiny_model_dir)
-    assert adapter.matches(model)
+    sample = SAMPLES[adapter.name](tiny_model_dir, tmp_path)
+    assert adapter.matches(sample)
+    model = adapter.model_of(sample) if hasattr(adapter, "model_of") else sample
     before = _module_state(model)
     params = {k: v.clone() for k, v in model.state_dict().items()}
     record = InstallRecord("extend", adapter.name, pinned=True)
 
-    specs = adapter.plan(model, record)
+    specs = adapter.plan(sample, record)
 
     assert _module_state(model) == before
     assert specs and all(isinstance(spec, HookSpec) for spec in specs)
@@ -312,9 +332,10 @@ def test_adapter_contract_plan_is_pure_and_hooks_are_picklable(adapter, tiny_mod
         assert "<locals>" not in type(spec.hook).__qualname__
         copy = pickle.loads(pickle.dumps(spec.hook))
         assert type(copy) is type(spec.hook) and copy.record.policy == "extend"
-    handle = maskpatch.apply(model, policy="extend")
-    assert maskpatch.is_patched(model)
+    handle = maskpatch.apply(sample, policy="extend")
+    assert maskpatch.is_patched(sample)
     handle.remove()
+    assert not maskpatch.is_patched(sample)
     assert _module_state(model) == before
     assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
 
