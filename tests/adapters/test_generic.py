@@ -178,7 +178,7 @@ def test_output_shorter_than_the_count_raises_drift_error():
     """A count larger than the output's positions cannot be right: DriftError names both numbers."""
     module = MemoryEncoder()
     with maskpatch.patched(module, policy="extend", prepended_tokens=20):
-        with pytest.raises(maskpatch.DriftError, match="at least 20 positions"):
+        with pytest.raises(maskpatch.DriftError, match="with 25 positions on axis 1"):
             run(module)
 
 
