@@ -26,8 +26,10 @@ returns the mask that lines up with them. The computation itself is the same und
 
 ``peft_model.disable_adapter()`` crashes in PEFT 0.21 for prompt learning on a base model without
 ``prepare_inputs_for_generation`` (BERT and every other encoder). There is no hook point for it,
-so maskpatch wraps ``PeftModel.disable_adapter`` once per process with wrapt (on the class, so
-patched models still pickle); the wrapper changes nothing for models maskpatch has not patched.
+so maskpatch wraps ``PeftModel.disable_adapter`` with wrapt (on the class, so patched models still
+pickle) while an install with a hook on a PeftModel lives: the first such install puts the
+wrapper on, the removal of the last one takes it off (:func:`hold_disable_adapter_wrapper`). The
+wrapper changes nothing for models maskpatch has not patched.
 """
 
 from __future__ import annotations

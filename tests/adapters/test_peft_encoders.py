@@ -31,6 +31,8 @@ from maskpatch.adapters.peft import PeftCall, PeftOutputHook
 from maskpatch.errors import DriftError, PolicyError, UnsupportedModelError
 from maskpatch.handle import find_record
 
+from helpers import assert_no_residue, residue_snapshot
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),
     pytest.mark.filterwarnings("ignore:.*[Tt]oken type ids.*"),
@@ -458,11 +460,13 @@ def test_remove_is_exact_and_idempotent():
     before = _hook_state(pm)
     with torch.no_grad():
         raw = pm(input_ids=BATCH, attention_mask=_mask(BATCH)).logits
+    residue = residue_snapshot(pm)
     handle = maskpatch.apply(pm, policy="strip")
     assert maskpatch.is_patched(pm) and handle.adapter == "peft"
     handle.remove()
     handle.remove()
     assert _hook_state(pm) == before and not maskpatch.is_patched(pm)
+    assert_no_residue(residue, pm)  # the disable_adapter() wrapper went with the install
     with torch.no_grad():
         assert torch.equal(pm(input_ids=BATCH, attention_mask=_mask(BATCH)).logits, raw)
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import TEXTS
-from helpers import HOOK_DICTS, add_prompt_learning, encode, st_model
+from helpers import HOOK_DICTS, add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
 from torch import nn
 
 import maskpatch
@@ -287,6 +287,7 @@ def test_remove_is_exact_including_the_lazily_added_position_hook(model, policy)
     no forward rebound, and outputs bit-identical to the unpatched model's."""
     before_state = _state(model)
     before_out = encode(model, TEXTS)
+    residue = residue_snapshot(model)
     handle = maskpatch.apply(model, policy=policy)
     patched_out = encode(model, TEXTS)
     base = model[0].model.base_model
@@ -297,16 +298,18 @@ def test_remove_is_exact_including_the_lazily_added_position_hook(model, policy)
     handle.remove()
     assert _maskpatch_leftovers(model, keys) == []
     assert _state(model) == before_state
+    assert_no_residue(residue, model)
     assert all("forward" not in vars(m) for m in model.modules())
     assert torch.equal(encode(model, TEXTS), before_out)
 
 
 def test_remove_after_patched_block_is_exact(model):
     """A patched() block leaves the model exactly as before, lazily added hooks included."""
-    before_state = _state(model)
+    before_state, residue = _state(model), residue_snapshot(model)
     with maskpatch.patched(model):
         encode(model, TEXTS)
     assert _state(model) == before_state
+    assert_no_residue(residue, model)
 
 
 # --- importing maskpatch --------------------------------------------------------------------
