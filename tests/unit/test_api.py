@@ -71,6 +71,7 @@ def _maskpatch_leftovers(model: nn.Module, keys: set[tuple[int, int]]) -> list[s
 
 def test_apply_returns_an_active_handle_and_remove_unpatches(model):
     """apply() patches and returns a PatchHandle; handle.remove() unpatches; a second remove does nothing."""
+    residue = residue_snapshot(model)
     handle = maskpatch.apply(model, policy="ignore")
     assert isinstance(handle, PatchHandle)
     assert maskpatch.is_patched(model)
@@ -81,6 +82,7 @@ def test_apply_returns_an_active_handle_and_remove_unpatches(model):
     handle.remove()  # idempotent
     assert not maskpatch.is_patched(model)
     assert maskpatch.remove(model) is False
+    assert_no_residue(residue, model)
 
 
 def test_apply_default_policy_is_extend(model):
@@ -121,9 +123,11 @@ def test_second_apply_with_another_policy_raises_and_keeps_the_first(model):
 
 def test_remove_function_undoes_an_apply(model):
     """maskpatch.remove(model) removes an install made by apply() and reports that it did."""
+    residue = residue_snapshot(model)
     handle = maskpatch.apply(model)
     assert maskpatch.remove(model) is True
     assert not maskpatch.is_patched(model) and not handle.active
+    assert_no_residue(residue, model)
 
 
 # --- errors, checked before anything changes ------------------------------------------------
