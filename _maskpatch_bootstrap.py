@@ -94,9 +94,19 @@ class _StrictRefusal:
     """
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
-        if fullname in _libraries:
-            _refuse()
+        if fullname not in _libraries:
+            return None
+        # A spec whose loader refuses: looking the library up (importlib.util.find_spec, as
+        # transformers does to see what is installed) still works; importing it raises.
+        from importlib.machinery import ModuleSpec
+
+        return ModuleSpec(fullname, self)
+
+    def create_module(self, spec: ModuleSpec) -> None:
         return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        _refuse()
 
 
 _refusal = ""  # why the libraries' imports fail under MASKPATCH_STRICT (empty: they do not)

@@ -95,6 +95,10 @@ class InstallRecord:
         # neither are the sites and releases of the original's hooks (a copy is found by scanning).
         return {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": []}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Records pickled by an older maskpatch lack the newer fields.
+        self.__dict__.update({"sites": [], "releases": [], "removed": False, "root": None, **state})
+
     def __repr__(self) -> str:
         return f"InstallRecord(policy={self.policy!r}, adapter={self.adapter!r})"
 
