@@ -6,7 +6,8 @@ forward hooks on the PeftModel fire. This adapter registers, on one PeftModel:
 
 * :class:`PeftCallHook`, a pre-hook on the PeftModel: it reads the active adapter's layout, and
   rewrites the call into one PEFT handles: token-classification labels get ``M`` leading
-  ``-100``, answer-span positions move up by ``M``, a custom 4-D mask and the caller's
+  ``-100``, answer-span positions are taken out of PEFT's way (the span loss is computed over
+  the real positions by :class:`PeftOutputHook`, :func:`span_loss`), a custom 4-D mask and the caller's
   ``position_ids`` (which PEFT rejects or drops) are taken out of PEFT's way, cached seq2seq
   ``encoder_outputs`` keep the mask that matches their length, and multitask ``task_ids`` are
   routed to the prompt encoder. What the base model must get back travels with the call, in one
@@ -56,8 +57,8 @@ from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record
 from ..hooks import LOCK, InstallRecord, MaskpatchHook, accepts_position_ids, position_hook_for
-from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..inputs import require_module, require_tensor
+from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids
 from .generic import installed_count, prepended_mask
 

@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
+from test_hostile_findings import IDS, MASK, Prepends, prompt_tuned
 from torch import nn
 
 import maskpatch
 from maskpatch import autoenable
-
-from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
-from test_hostile_findings import IDS, MASK, Prepends, prompt_tuned
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),
