@@ -54,7 +54,11 @@ def _start() -> None:
     if settings.problems:
         _warn(settings.describe_problems())
         if not settings.strict:
-            return  # under MASKPATCH_STRICT the hooks go in, to fail the libraries' import
+            return
+        if not any(name in sys.modules for name in _libraries):
+            # Under MASKPATCH_STRICT every import of the libraries fails, the retried ones too.
+            _refuse_from_now_on(f"{settings.describe_problems()} (raised because MASKPATCH_STRICT is on)")
+            return
     elif not settings.enabled:
         return
     if any(name in sys.modules for name in _libraries):
@@ -82,6 +86,46 @@ class _FirstLookup:
         return None if finder is None else finder.find_spec(fullname, path, target)
 
 
+class _StrictRefusal:
+    """Meta-path finder (MASKPATCH_STRICT with a bad value) that fails every import of the libraries.
+
+    It stays on ``sys.meta_path``: an import that is tried again raises again, so a process never
+    goes on unpatched after the first failure was caught.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        if fullname not in _libraries:
+            return None
+        # A spec whose loader refuses: looking the library up (importlib.util.find_spec, as
+        # transformers does to see what is installed) still works; importing it raises.
+        from importlib.machinery import ModuleSpec
+
+        return ModuleSpec(fullname, self)
+
+    def create_module(self, spec: ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: ModuleType) -> None:
+        _refuse()
+
+
+_refusal = ""  # why the libraries' imports fail under MASKPATCH_STRICT (empty: they do not)
+
+
+def _refuse_from_now_on(reason: str) -> None:
+    """Make every later import of the libraries raise ``reason`` (MASKPATCH_STRICT): strict stays strict."""
+    global _refusal
+    if not _refusal:
+        _refusal = reason
+        sys.meta_path.insert(0, _StrictRefusal())
+
+
+def _refuse() -> None:
+    from maskpatch.errors import PolicyError
+
+    raise PolicyError(_refusal or f"{_settings.describe_problems()} (raised because MASKPATCH_STRICT is on)")
+
+
 def _register_hooks_safely() -> Any:
     """Register the hooks; return wrapt's finder, or None (after one warning) if that failed."""
     try:
@@ -105,10 +149,8 @@ def _on_import(module: ModuleType) -> None:
     """Post-import hook: turn on :mod:`maskpatch.autoenable` with the settings read at start."""
     settings = _settings
     if settings.problems:
-        # Only reached under MASKPATCH_STRICT: fail the import instead of running unpatched.
-        from maskpatch.errors import PolicyError
-
-        raise PolicyError(f"{settings.describe_problems()} (raised because MASKPATCH_STRICT is on)")
+        # Only reached under MASKPATCH_STRICT with a library imported before start: fail loudly.
+        _refuse()
     global _enabled
     try:
         from maskpatch import autoenable
@@ -125,6 +167,10 @@ def _on_import(module: ModuleType) -> None:
         autoenable.instrument_module(module)
     except Exception as exc:
         if settings.strict:
+            _refuse_from_now_on(
+                f"maskpatch: auto-enable failed when {module.__name__} was imported ({type(exc).__name__}: {exc}); "
+                "raised because MASKPATCH_STRICT is on"
+            )
             raise
         _warn(f"maskpatch: auto-enable failed when {module.__name__} was imported ({type(exc).__name__}: {exc}).")
 

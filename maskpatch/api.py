@@ -40,11 +40,18 @@ def apply(
     ``model`` may also be a host that calls a PeftModel for the user: a transformers ``Pipeline``
     or ``Trainer``. Its model is patched with ``policy``, and the host itself always sees outputs
     lined up with its own tokens (see :mod:`maskpatch.adapters.hosts`).
+
+    A module compiled with ``torch.compile`` is patched through the module it wraps
+    (``compiled._orig_mod``); the handle refers to that module. One install serves one module
+    tree: a module shared by two models (one ``Transformer`` in two SentenceTransformers) carries
+    one install, which ``remove`` takes off whole, from every model that shares it (see the
+    getting-started guide).
     """
     host = host_adapter(model)
     if host is not None:
         return apply_host(host, model, policy=policy, check_versions=check_versions, prepended_tokens=prepended_tokens)
     policy = _validate(model, policy, prepended_tokens)
+    model = unwrap_compiled(model)
     with _LOCK:
         record = _joinable_record(model, policy, prepended_tokens)
         if record is None:
@@ -77,6 +84,7 @@ def patched(
             yield handle
         return
     policy = _validate(model, policy, prepended_tokens)
+    model = unwrap_compiled(model)
     with _LOCK:
         record = _joinable_record(model, policy, prepended_tokens)
         if record is None:
@@ -102,10 +110,12 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def remove(model: nn.Module) -> bool:
-    """Remove every maskpatch hook from ``model``; return whether there was any.
+    """Remove every install found in ``model``, whole; return whether there was any.
 
     This is the way to unpatch a copy (``pickle``, ``copy.deepcopy``, ``torch.save``) of a patched
-    model, whose handle stayed with the original. For a host (a pipeline, a Trainer) it removes
+    model, whose handle stayed with the original. An install is removed whole, never in part: when
+    ``model`` shares a module with another model patched by the same install, that model is
+    unpatched too (no model is left half repaired). For a host (a pipeline, a Trainer) it removes
     every maskpatch hook from the host's model.
     """
     host = host_adapter(model)
@@ -139,12 +149,40 @@ def _joinable_record(model: nn.Module, policy: Policy, prepended: int | None) ->
     check_same_count(model, prepended)
     missing = _missing_hooks(model, record, prepended)
     if missing:
+        name = type(model).__name__
         raise AlreadyPatchedError(
-            f"a part of {type(model).__name__} is already patched on its own (a {record.adapter!r} install), "
-            f"without the hooks patching {type(model).__name__} needs ({', '.join(missing)}); remove that install "
-            "(its handle.remove() or maskpatch.remove(model)) and patch the whole model once"
+            f"{name} is already patched in part: {describe_holder(model, record)} holds a {record.adapter!r} "
+            f"install (policy {record.policy!r}) that lacks the hooks patching {name} needs "
+            f"({', '.join(missing)}); one install serves one module tree, so remove that install first (its "
+            f"handle.remove(), or maskpatch.remove({name}), which removes it whole, from every model that shares it), "
+            f"then patch {name}"
         )
     return record
+
+
+def describe_holder(model: nn.Module, record: InstallRecord) -> str:
+    """Say where the install ``record`` found in ``model`` was made, relative to ``model``."""
+    root, name = record.root, type(model).__name__
+    if root is None:
+        return f"a copied install found in {name} (made before pickling or deepcopy)"
+    if root is model:
+        return name
+    if any(module is root for module in model.modules()):
+        return f"a part of {name} ({type(root).__name__}, patched on its own)"
+    if any(module is model for module in root.modules()):
+        return f"a model that contains {name} ({type(root).__name__})"
+    shared = next((type(m).__name__ for m in model.modules() if any(m is r for r in root.modules())), "a module")
+    return f"another model that shares its {shared} ({type(root).__name__})"
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """Return the module a ``torch.compile`` wrapper (``OptimizedModule``) compiles, else ``model``.
+
+    Hooks registered on the wrapped module are honoured by the compiled one (dynamo recompiles).
+    """
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # type: ignore[assignment]
+    return model
 
 
 def _missing_hooks(model: nn.Module, record: InstallRecord, prepended: int | None) -> list[str]:
@@ -187,8 +225,9 @@ def _require_module(model: object) -> None:
 
 def _require_same_policy(model: nn.Module, record: InstallRecord, policy: Policy) -> None:
     if record.policy != policy:
+        name = type(model).__name__
         raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched with policy {record.policy!r}, but policy "
-            f"{policy!r} was asked for; remove the first install (handle.remove() or "
-            "maskpatch.remove(model)) before patching with another policy"
+            f"{name} is already patched with policy {record.policy!r} (an install made on "
+            f"{describe_holder(model, record)}), but policy {policy!r} was asked for; remove the first install "
+            f"(handle.remove() or maskpatch.remove({name})) before patching with another policy"
         )

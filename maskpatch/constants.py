@@ -166,7 +166,7 @@ def _read_bool(environ: Mapping[str, str], name: str) -> tuple[bool, str]:
     if value in FALSE_VALUES:
         return False, ""
     extra = f" or {AUDIT_VALUE!r}" if name == MASKPATCH_AUTO else ""
-    return False, f"{name}={raw!r} is not a boolean (expected one of 1/0, true/false, yes/no, on/off{extra})"
+    return False, f"{name}={_shorten(raw)} is not a boolean (expected one of 1/0, true/false, yes/no, on/off{extra})"
 
 
 def _read_policy(environ: Mapping[str, str]) -> tuple[str, str]:
@@ -175,4 +175,15 @@ def _read_policy(environ: Mapping[str, str]) -> tuple[str, str]:
     if value in POLICY_VALUES:
         return value, ""
     choices = ", ".join(repr(p) for p in POLICY_VALUES)
-    return "extend", f"{MASKPATCH_POLICY}={raw!r} is not a policy (expected one of {choices})"
+    return "extend", f"{MASKPATCH_POLICY}={_shorten(raw)} is not a policy (expected one of {choices})"
+
+
+#: The most characters of a bad value quoted in the start-up warning (every interpreter prints it).
+MAX_QUOTED = 60
+
+
+def _shorten(raw: str) -> str:
+    """``repr(raw)``, cut to :data:`MAX_QUOTED` characters with the full length named when longer."""
+    if len(raw) <= MAX_QUOTED:
+        return repr(raw)
+    return f"{raw[:MAX_QUOTED]!r}... ({len(raw)} characters)"

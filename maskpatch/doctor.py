@@ -111,7 +111,12 @@ def diagnose(
         _attach_adapter(model, Path(adapter_dir))
     model.eval()
     inputs: list[Any] = list(PAIRS) if model_type == "CrossEncoder" else [SHORT, LONG]
-    drift = measure_drift(model, inputs)
+    try:
+        drift = measure_drift(model, inputs)
+    except DoctorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model that cannot even run the probe is reported, not traced
+        raise DoctorError(f"cannot probe {str(model_dir)!r}: {type(exc).__name__}: {exc}") from exc
     unpatched = _invariance(model, inputs, None)
     results = [] if drift.status == "unexplained" else [_probe_policy(model, inputs, p) for p in POLICIES]
     report = Report(str(model_dir), None if adapter_dir is None else str(adapter_dir), model_type, drift, unpatched)
@@ -211,22 +216,34 @@ def _resolve_model_type(model_dir: Path, model_type: str) -> str:
     if not model_dir.is_dir():
         raise DoctorError(f"expected a model directory, but {str(model_dir)!r} is not a directory")
     if model_type != "auto":
-        return model_type
+        return _known_model_type(model_type, source="--model-type")
     config = model_dir / "config_sentence_transformers.json"
-    if config.is_file():
-        try:
-            return str(json.loads(config.read_text(encoding="utf-8")).get("model_type", "SentenceTransformer"))
-        except (OSError, ValueError) as exc:
-            raise DoctorError(f"cannot read {config}: {exc}") from exc
-    return "SentenceTransformer"
+    if not config.is_file():
+        return "SentenceTransformer"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DoctorError(f"cannot read {config}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DoctorError(f"expected {config} to hold a JSON object, but it holds a JSON {type(data).__name__}")
+    return _known_model_type(data.get("model_type", "SentenceTransformer"), source=str(config))
+
+
+def _known_model_type(model_type: object, *, source: str) -> str:
+    """Return ``model_type`` if it names a model class the doctor loads; raise :class:`DoctorError` otherwise.
+
+    A name read from a file is never looked up as an attribute unless it is one of these.
+    """
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES[1:]:
+        shown = repr(model_type) if len(repr(model_type)) <= 80 else repr(model_type)[:77] + "..."
+        raise DoctorError(f"expected a model type out of {', '.join(MODEL_TYPES[1:])} in {source}, but got {shown}")
+    return model_type
 
 
 def _load(model_dir: Path, model_type: str) -> nn.Module:
     import sentence_transformers
 
-    cls = getattr(sentence_transformers, model_type, None)
-    if cls is None or model_type == "auto":
-        raise DoctorError(f"expected a model type out of {', '.join(MODEL_TYPES[1:])}, but got {model_type!r}")
+    cls = getattr(sentence_transformers, _known_model_type(model_type, source="the model type"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -11,7 +11,7 @@ from torch import nn
 from .drift import Policy
 from .hooks import LOCK, InstallRecord, MaskpatchHook
 
-__all__ = ["LOCK", "HookSpec", "PatchHandle", "find_record", "install", "iter_hooks", "remove_hooks"]
+__all__ = ["LOCK", "HookSpec", "PatchHandle", "find_record", "install", "install_state", "iter_hooks", "remove_hooks"]
 
 # The dicts torch keeps per hook kind, keyed by the same hook id.
 _PRE_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
@@ -27,18 +27,18 @@ class HookSpec:
 
 
 def install(specs: Sequence[HookSpec]) -> None:
-    """Register every hook of ``specs`` (all with ``with_kwargs=True``, honouring ``always_call``), or none of them."""
-    done = []
+    """Register every hook of ``specs`` (all with ``with_kwargs=True``, honouring ``always_call``), or none of them.
+
+    Each hook is registered through its record (:meth:`InstallRecord.register`), which keeps
+    torch's removable handle, so that removal finds the hook wherever its module went since.
+    """
+    records = list({id(spec.hook.record): spec.hook.record for spec in specs}.values())
     try:
         for spec in specs:
-            if spec.hook.pre:
-                done.append(spec.module.register_forward_pre_hook(spec.hook, with_kwargs=True))
-            else:
-                hook = spec.hook
-                done.append(spec.module.register_forward_hook(hook, with_kwargs=True, always_call=hook.always_call))
+            spec.hook.record.register(spec.module, spec.hook)
     except BaseException:
-        for handle in done:
-            handle.remove()
+        for record in records:
+            _remove_install(record, None)
         raise
 
 
@@ -57,15 +57,47 @@ def find_record(model: nn.Module) -> InstallRecord | None:
 
 
 def remove_hooks(model: nn.Module, record: InstallRecord | None = None) -> int:
-    """Remove the maskpatch hooks of ``record`` (of every install if None); return how many."""
+    """Remove the install of ``record`` (every install found in ``model`` if None), whole; return how many hooks.
+
+    An install is removed whole: its hooks on modules outside ``model`` too (a model that shares a
+    module with ``model``, a PeftModel swapped out of it since), never a part of one, so that no
+    model is left half repaired. Callers hold :data:`LOCK`.
+    """
+    if record is None:
+        records = list({id(hook.record): hook.record for _, _, hook in iter_hooks(model)}.values())
+    else:
+        records = [record]
+    return sum(_remove_install(found, model) for found in records)
+
+
+def _remove_install(record: InstallRecord, scope: nn.Module | None) -> int:
+    """Remove every hook of ``record``: through its sites, then any found in ``scope`` (copies have no sites)."""
     removed = 0
-    for module, key, hook in list(iter_hooks(model)):
-        if record is not None and hook.record is not record:
-            continue
-        for name in _PRE_DICTS if hook.pre else _POST_DICTS:
-            getattr(module, name).pop(key, None)
-        removed += 1
+    for site in record.sites:
+        hooks = site.hooks_dict_ref()
+        if hooks is not None and site.id in hooks:
+            removed += 1
+        site.remove()
+    if scope is not None:
+        for module, key, hook in list(iter_hooks(scope)):
+            if hook.record is record:
+                for name in _PRE_DICTS if hook.pre else _POST_DICTS:
+                    getattr(module, name).pop(key, None)
+                removed += 1
+    record.release()
     return removed
+
+
+def install_state(record: InstallRecord, scope: nn.Module) -> str:
+    """Return ``"active"`` (every hook of ``record`` in place), ``"incomplete"`` or ``"removed"``."""
+    if record.removed:
+        return "removed"
+    if not record.sites:  # a copy: its hooks are known only by scanning
+        return "active" if any(hook.record is record for _, _, hook in iter_hooks(scope)) else "removed"
+    present = [hooks is not None and site.id in hooks for site in record.sites for hooks in (site.hooks_dict_ref(),)]
+    if all(present):
+        return "active"
+    return "incomplete" if any(present) else "removed"
 
 
 class PatchHandle:
@@ -97,8 +129,8 @@ class PatchHandle:
 
     @property
     def active(self) -> bool:
-        """Whether this install's hooks are still on the model."""
-        return any(hook.record is self._record for _, _, hook in iter_hooks(self._scope))
+        """Whether every hook of this install is still in place (an install missing some is not active)."""
+        return install_state(self._record, self._scope) == "active"
 
     def remove(self) -> None:
         """Remove every hook of this install; a second call does nothing."""
@@ -114,5 +146,5 @@ class PatchHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "active" if self.active else "removed"
+        state = install_state(self._record, self._scope)
         return f"<PatchHandle adapter={self.adapter!r} policy={self.policy!r} {state}>"

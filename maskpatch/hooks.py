@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .drift import Policy, positions_from_mask
 from .layout import active_layout, is_peft_model
@@ -53,12 +54,50 @@ class InstallRecord:
         self.pinned = pinned
         self.contexts = 0
         self.root = root
+        #: torch's removable handles of every hook this install registered, wherever it sits now
+        #: (a PeftModel swapped out of ``root`` still carries its hook): removal goes through them.
+        self.sites: list[RemovableHandle] = []
+        #: What else to undo with the install (class-level wrappers it holds), run once at removal.
+        self.releases: list[Callable[[InstallRecord], None]] = []
+        #: Set, under :data:`LOCK`, when the install is removed: nothing of it may be registered after.
+        self.removed = False
+
+    def register(self, module: nn.Module, hook: MaskpatchHook) -> bool:
+        """Register ``hook`` on ``module`` for this install unless it was removed; return whether it was.
+
+        Hooks registered during a forward (an adapter set after ``apply``) go through here, under
+        :data:`LOCK`, so that a ``remove()`` on another thread never leaves one behind.
+        """
+        with LOCK:
+            if self.removed:
+                return False
+            if hook.pre:
+                site = module.register_forward_pre_hook(hook, with_kwargs=True)
+            else:
+                site = module.register_forward_hook(hook, with_kwargs=True, always_call=hook.always_call)
+            self.sites.append(site)
+            hook.attached()
+            return True
+
+    def release(self) -> None:
+        """Mark the install removed and undo what its hooks took besides themselves (once; under :data:`LOCK`)."""
+        with LOCK:
+            self.removed = True
+            self.sites.clear()
+            releases, self.releases = self.releases, []
+            for undo in reversed(releases):
+                undo(self)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy lives on in another process or object, where no ``patched()`` block of ours is
         # open: it stays patched until ``maskpatch.remove`` is called on it. The root is not
-        # carried along, so that pickling a part of a patched model does not drag in the whole.
-        return {**self.__dict__, "pinned": True, "contexts": 0, "root": None}
+        # carried along, so that pickling a part of a patched model does not drag in the whole;
+        # neither are the sites and releases of the original's hooks (a copy is found by scanning).
+        return {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Records pickled by an older maskpatch lack the newer fields.
+        self.__dict__.update({"sites": [], "releases": [], "removed": False, "root": None, **state})
 
     def __repr__(self) -> str:
         return f"InstallRecord(policy={self.policy!r}, adapter={self.adapter!r})"
@@ -75,6 +114,13 @@ class MaskpatchHook:
 
     def __init__(self, record: InstallRecord) -> None:
         self.record = record
+
+    def attached(self) -> None:
+        """Called (under :data:`LOCK`) once this hook is registered; take what it needs besides the hook.
+
+        A hook that needs a class-level wrapper appends its undo to ``self.record.releases``.
+        Nothing by default.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.record!r})"
@@ -97,6 +143,12 @@ class PositionIdsHook(MaskpatchHook):
     def __init__(self, record: InstallRecord, peft_model: nn.Module) -> None:
         super().__init__(record)
         self.peft_model = peft_model
+
+    def attached(self) -> None:
+        # PEFT's disable_adapter() crashes on patched encoders without the class-level wrapper.
+        from .adapters.peft import hold_disable_adapter_wrapper
+
+        hold_disable_adapter_wrapper(self.record)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if kwargs.get("position_ids") is not None:
@@ -158,9 +210,7 @@ def position_hook_for(peft_model: Any, record: InstallRecord) -> PositionIdsHook
 def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:
     """Register the :class:`PositionIdsHook` that :func:`position_hook_for` says is missing.
 
-    Returns whether one was registered.
+    Returns whether one was registered: never after ``record``'s install was removed.
     """
     hook = position_hook_for(peft_model, record)
-    if hook is not None:
-        peft_model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
-    return hook is not None
+    return hook is not None and record.register(peft_model.base_model, hook)

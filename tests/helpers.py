@@ -163,3 +163,89 @@ HOOK_DICTS = (
 def state(model) -> list[tuple]:
     """Per module: its __dict__ keys and the keys of every forward-hook dict torch keeps."""
     return [(name, sorted(vars(m)), *(sorted(getattr(m, d)) for d in HOOK_DICTS)) for name, m in model.named_modules()]
+
+
+# --- residue check: after remove(), nothing of maskpatch is left ---------------------------------
+
+
+def touched_classes() -> list[type]:
+    """Every class maskpatch may ever patch or wrap, among those imported now.
+
+    ``peft.PeftModel`` and its subclasses (the ``disable_adapter`` wrapper, auto-enable's
+    ``__init__`` wrappers), sentence-transformers' ``BaseModel`` (auto-enable), the modules it
+    hooks (``Transformer``, ``Pooling``) and ``torch.nn.Module`` itself.
+    """
+    import sys
+
+    from torch import nn
+
+    classes: list[type] = [nn.Module]
+    peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
+    if isinstance(peft_model, type):
+        todo = [peft_model]
+        while todo:
+            cls = todo.pop()
+            if cls not in classes:
+                classes.append(cls)
+                todo.extend(cls.__subclasses__())
+    for module, name in (
+        ("sentence_transformers.base.model", "BaseModel"),
+        ("sentence_transformers.base.modules.transformer", "Transformer"),
+        ("sentence_transformers.sentence_transformer.modules.pooling", "Pooling"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            classes.append(cls)
+    return classes
+
+
+def residue_snapshot(*models) -> dict[str, Any]:
+    """What "exactly as before" compares: modules, their ``__dict__`` and hook dicts, and the touched classes.
+
+    Per module of each model (by name): its identity and type, every ``__dict__`` entry by
+    identity, and every forward-hook dict's (key, hook identity) pairs; per class of
+    :func:`touched_classes`: every ``__dict__`` entry by identity (a wrapper in place of a method
+    shows up as another object).
+    """
+    snapshot: dict[str, Any] = {}
+    for index, model in enumerate(models):
+        for name, module in model.named_modules():
+            key = f"model{index}:{name or '<root>'}"
+            snapshot[key] = {
+                "module": (id(module), type(module)),
+                "__dict__": {k: id(v) for k, v in vars(module).items()},
+                **{d: [(k, id(h)) for k, h in getattr(module, d).items()] for d in HOOK_DICTS},
+            }
+    for cls in touched_classes():
+        snapshot[f"class:{cls.__module__}.{cls.__qualname__}"] = {k: id(v) for k, v in vars(cls).items()}
+    return snapshot
+
+
+def assert_no_residue(before: dict[str, Any], *models) -> None:
+    """Fail, naming what differs, unless ``models`` and the touched classes are exactly as in ``before``.
+
+    Classes imported since ``before`` was taken are not compared (they did not exist then).
+    """
+    after = residue_snapshot(*models)
+    after = {k: v for k, v in after.items() if not k.startswith("class:") or k in before}
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    details = []
+    for key in changed[:5]:
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff = {k: (old.get(k), new.get(k)) for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+            details.append(f"{key}: {_short_diff(diff)}")
+        else:
+            details.append(f"{key}: {old!r} -> {new!r}")
+    assert not changed, "maskpatch left residue: " + "; ".join(details)
+
+
+def _short_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    parts = []
+    for name, (old, new) in sorted(diff.items()):
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            parts.append(f"{name} entries {keys}")
+        else:
+            parts.append(f"{name}: {old!r} -> {new!r}")
+    return ", ".join(parts)

@@ -37,6 +37,7 @@ from ..drift import Policy, prefix_mask, strip_positions
 from ..errors import AlreadyPatchedError, DriftError, PolicyError, UnsupportedModelError
 from ..handle import HookSpec, iter_hooks
 from ..hooks import InstallRecord, MaskpatchHook
+from ..inputs import require_module, require_tensor
 from .key_padding import key_padding_specs
 
 __all__ = [
@@ -53,10 +54,15 @@ SEQUENCE_KEYS = ("last_hidden_state", "hidden_states")
 ATTENTION_KEYS = ("attentions",)
 
 
+#: The largest ``prepended_tokens``: a tensor dimension is a signed 64-bit integer in torch.
+MAX_COUNT = 2**63 - 1
+
+
 def validate_count(count: object) -> int:
-    """Return ``count`` if it is a positive ``int``; raise :class:`PolicyError` otherwise."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise PolicyError(f"expected prepended_tokens to be a positive int, but got {count!r}")
+    """Return ``count`` if it is an ``int`` in ``1..MAX_COUNT``; raise :class:`PolicyError` otherwise."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+        shown = repr(count) if len(repr(count)) <= 40 else f"{repr(count)[:20]}... ({type(count).__qualname__})"
+        raise PolicyError(f"expected prepended_tokens to be a positive int (at most 2**63 - 1), but got {shown}")
     return count
 
 
@@ -88,10 +94,10 @@ class PrependedOutputHook(MaskpatchHook):
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         where = f"{type(module).__name__} (prepended_tokens={self.count})"
         if isinstance(output, Tensor):
-            _check_length(output, self.count, where=where)
+            _check_length(output, _input_length(args, kwargs, where=where), self.count, where=f"{where} output")
             return strip_positions(output, self.count) if self.record.policy == "strip" else None
         if isinstance(output, Mapping) and any(output.get(key) is not None for key in SEQUENCE_KEYS):
-            _check_length(_first_sequence(output), self.count, where=where)
+            _check_mapping(output, _input_length(args, kwargs, where=where), self.count, where=where)
             return _strip_mapping(output, self.count) if self.record.policy == "strip" else None
         if self.record.policy == "strip":
             raise UnsupportedModelError(
@@ -104,18 +110,50 @@ class PrependedOutputHook(MaskpatchHook):
         return f"{type(self).__name__}({self.record!r}, count={self.count})"
 
 
-def _first_sequence(output: Mapping[str, Any]) -> Tensor:
-    hidden = output.get("last_hidden_state")
-    return hidden if hidden is not None else output["hidden_states"][-1]
+#: Keyword arguments that carry the token sequence, tried in this order when no tensor is positional.
+INPUT_KEYS = ("input_ids", "inputs_embeds", "x", "src", "input", "hidden_states")
 
 
-def _check_length(tokens: Tensor, count: int, *, where: str) -> None:
-    if tokens.dim() < 2 or tokens.shape[1] < count:
-        shape = tuple(tokens.shape)
+def _input_length(args: tuple[Any, ...], kwargs: Mapping[str, Any], *, where: str) -> int:
+    """Return ``N``, the positions of the input the module saw: axis 1 of its first batch-first tensor.
+
+    That is the first positional tensor argument with at least 2 dimensions, else the first of
+    :data:`INPUT_KEYS` given as a keyword. Raises :class:`DriftError` when there is none, since
+    the output's length could then not be checked.
+    """
+    first = next((a for a in args if isinstance(a, Tensor) and a.dim() >= 2), None)
+    if first is None:
+        first = next((v for k in INPUT_KEYS if isinstance(v := kwargs.get(k), Tensor) and v.dim() >= 2), None)
+    if first is None:
         raise DriftError(
-            f"{where}: expected a batch-first token-level output with at least {count} positions, but got shape "
-            f"{shape}; maskpatch does not repair an excess it cannot explain"
+            f"{where}: expected a (batch, tokens, ...) tensor input (positional, or one of {', '.join(INPUT_KEYS)}), "
+            "but found none, so the output's length cannot be checked against the input's"
         )
+    return int(first.shape[1])
+
+
+def _check_length(tokens: Tensor, n: int, count: int, *, where: str, dims: tuple[int, ...] = (1,)) -> None:
+    """Raise :class:`DriftError` unless ``tokens`` has exactly ``n + count`` positions on each axis of ``dims``."""
+    for dim in dims:
+        found = tokens.shape[dim] if tokens.dim() >= 2 and -tokens.dim() <= dim < tokens.dim() else None
+        if found != n + count:
+            shape = tuple(tokens.shape)
+            raise DriftError(
+                f"{where}: the input has {n} positions and the module prepends {count}, so a batch-first output "
+                f"with {n + count} positions on axis {dim} was expected, but got shape {shape}; maskpatch does not "
+                "repair an excess it cannot explain (a wrong prepended_tokens, or a sequence-first module?)"
+            )
+
+
+def _check_mapping(output: Mapping[str, Any], n: int, count: int, *, where: str) -> None:
+    """Check every token-level entry of a dict or ``ModelOutput`` (see :func:`_check_length`)."""
+    for key in SEQUENCE_KEYS + ATTENTION_KEYS:
+        value = output.get(key)
+        if value is None:
+            continue
+        dims = (-1, -2) if key in ATTENTION_KEYS else (1,)
+        for i, tensor in enumerate([value] if isinstance(value, Tensor) else value):
+            _check_length(tensor, n, count, where=f"{where} output {key!r}[{i}]", dims=dims)
 
 
 def _strip_mapping(output: Mapping[str, Any], count: int) -> Mapping[str, Any]:
@@ -172,14 +210,13 @@ def prepended_mask(module: nn.Module, mask: Tensor, *, convention: MaskConventio
     :class:`PolicyError` when ``mask`` is not 2-D. (:func:`maskpatch.output_mask` is the same for
     a patched PeftModel.)
     """
-    hook = _installed_hook(module)
+    hook = _installed_hook(require_module(module, where="prepended_mask"))
     if hook is None:
         raise UnsupportedModelError(
             f"expected a module patched with maskpatch.apply(..., prepended_tokens=M), but {type(module).__name__} "
             "has no such install"
         )
-    if mask.dim() != 2:
-        raise PolicyError(f"expected a 2-D (batch, tokens) mask, but got shape {tuple(mask.shape)}")
+    require_tensor(mask, name="mask", where="prepended_mask", dims=(2,))
     policy: Policy = hook.record.policy
     if policy == "strip":
         return mask

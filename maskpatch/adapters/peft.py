@@ -6,7 +6,8 @@ forward hooks on the PeftModel fire. This adapter registers, on one PeftModel:
 
 * :class:`PeftCallHook`, a pre-hook on the PeftModel: it reads the active adapter's layout, and
   rewrites the call into one PEFT handles: token-classification labels get ``M`` leading
-  ``-100``, answer-span positions move up by ``M``, a custom 4-D mask and the caller's
+  ``-100``, answer-span positions are taken out of PEFT's way (the span loss is computed over
+  the real positions by :class:`PeftOutputHook`, :func:`span_loss`), a custom 4-D mask and the caller's
   ``position_ids`` (which PEFT rejects or drops) are taken out of PEFT's way, cached seq2seq
   ``encoder_outputs`` keep the mask that matches their length, and multitask ``task_ids`` are
   routed to the prompt encoder. What the base model must get back travels with the call, in one
@@ -26,22 +27,28 @@ returns the mask that lines up with them. The computation itself is the same und
 
 ``peft_model.disable_adapter()`` crashes in PEFT 0.21 for prompt learning on a base model without
 ``prepare_inputs_for_generation`` (BERT and every other encoder). There is no hook point for it,
-so maskpatch wraps ``PeftModel.disable_adapter`` once per process with wrapt (on the class, so
-patched models still pickle); the wrapper changes nothing for models maskpatch has not patched.
+so maskpatch wraps ``PeftModel.disable_adapter`` with wrapt (on the class, so patched models still
+pickle) while an install with a hook on a PeftModel lives: the first such install puts the
+wrapper on, the removal of the last one takes it off (:func:`hold_disable_adapter_wrapper`). The
+wrapper changes nothing for models maskpatch has not patched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import sys
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 import wrapt
 from torch import Tensor, nn
 
@@ -49,9 +56,10 @@ from ..conventions import MaskConvention
 from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record
-from ..hooks import InstallRecord, MaskpatchHook, accepts_position_ids, position_hook_for
+from ..hooks import LOCK, InstallRecord, MaskpatchHook, accepts_position_ids, position_hook_for
+from ..inputs import require_module, require_tensor
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
-from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids, shift_span_positions
+from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids
 from .generic import installed_count, prepended_mask
 
 __all__ = [
@@ -62,9 +70,12 @@ __all__ = [
     "PeftCallHook",
     "PeftOutputHook",
     "TaskIdsHook",
+    "drop_routes",
     "ensure_disable_adapter_wrapper",
+    "hold_disable_adapter_wrapper",
     "output_mask",
     "remove_disable_adapter_wrapper",
+    "span_loss",
 ]
 
 #: The keyword argument that carries a :class:`PeftCall` from the PeftModel to its base model.
@@ -116,8 +127,7 @@ class PeftAdapter:
         if positions is not None:
             specs.append(HookSpec(base, positions))
         specs.extend(HookSpec(encoder, TaskIdsHook(record)) for encoder in _task_encoders(model))
-        ensure_disable_adapter_wrapper()
-        return specs
+        return specs  # the disable_adapter() wrapper goes in with PeftCallHook (attached), not here
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,9 @@ class PeftCall:
     encoder_mask: Tensor | None = None
     as_tuple: bool = False
     routed: bool = False
+    route: _Route | None = None
+    start_positions: Tensor | None = None
+    end_positions: Tensor | None = None
 
 
 class PeftCallHook(MaskpatchHook):
@@ -146,15 +159,23 @@ class PeftCallHook(MaskpatchHook):
 
     pre = True
 
+    def attached(self) -> None:
+        hold_disable_adapter_wrapper(self.record)
+
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         layout = active_layout(module)
-        if not layout.adds_positions:
-            return None
+        if self.record.removed or not layout.adds_positions:
+            return None  # removed while this forward was starting: act as the unpatched model
         kind = _kind(module)
         call, new = _prepare_call(module, kind, layout, _as_kwargs(module, args, kwargs))
         if call.routed:
+            route = _Route(module, new.pop("task_ids"), self.record)
             _ensure_task_ids_hook(module, self.record)
-            _ROUTES.set((*_ROUTES.get(), _Route(module, new.pop("task_ids"))))
+            _push_route(route)
+            with LOCK:
+                if drop_routes not in self.record.releases:
+                    self.record.releases.append(drop_routes)
+            call = dataclasses.replace(call, route=route)
         new[CALL_KEY] = call
         return (), new
 
@@ -191,11 +212,13 @@ class PeftOutputHook(MaskpatchHook):
         call = kwargs.get(CALL_KEY)
         if not isinstance(call, PeftCall):
             return None
-        if call.routed:
-            _pop_route(module)
+        if call.route is not None:
+            _pop_route(call.route)
         if output is None:  # the forward raised; torch runs this hook on the way out
             return None
         repaired = repair_output(output, call, self.record.policy, kind=_kind(module), where=type(module).__name__)
+        if call.start_positions is not None and call.end_positions is not None:
+            repaired = _with_span_loss(repaired, output, call)
         return repaired.to_tuple() if call.as_tuple else repaired
 
 
@@ -210,29 +233,51 @@ class TaskIdsHook(MaskpatchHook):
     pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        routes = _ROUTES.get()
-        if not routes or not any(module is enc for enc in _task_encoders(routes[-1].owner)):
+        route = _current_route()
+        if route is None or not any(module is enc for enc in _task_encoders(route.owner)):
             return None
         bound = dict(zip(("indices", "task_ids"), args, strict=False)) | kwargs
         if bound.get("task_ids") is not None:
             return None
-        return (), {**bound, "task_ids": routes[-1].task_ids}
+        return (), {**bound, "task_ids": route.task_ids}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Route:
     owner: nn.Module
     task_ids: Tensor
+    record: InstallRecord
 
 
-# The task ids of the PeftModel calls in progress on this thread or task, innermost last.
-_ROUTES: ContextVar[tuple[_Route, ...]] = ContextVar("maskpatch_peft_task_ids", default=())
+# The task ids of the PeftModel calls in progress on this thread or task, innermost last. The
+# context variable holds weak references only: a route lives as long as the call's PeftCall (in
+# the call's keyword arguments), so a call whose output hook never ran (its install was removed
+# during the forward, on another thread) leaves nothing alive behind, and the dead entry is
+# dropped by the next push or pop.
+_ROUTES: ContextVar[tuple[weakref.ref[_Route], ...]] = ContextVar("maskpatch_peft_task_ids", default=())
 
 
-def _pop_route(owner: nn.Module) -> None:
+def _live_routes() -> tuple[weakref.ref[_Route], ...]:
+    return tuple(ref for ref in _ROUTES.get() if (route := ref()) is not None and not route.record.removed)
+
+
+def _push_route(route: _Route) -> None:
+    _ROUTES.set((*_live_routes(), weakref.ref(route)))
+
+
+def _pop_route(route: _Route) -> None:
+    _ROUTES.set(tuple(ref for ref in _live_routes() if ref() is not route))
+
+
+def _current_route() -> _Route | None:
     routes = _ROUTES.get()
-    if routes and routes[-1].owner is owner:
-        _ROUTES.set(routes[:-1])
+    return routes[-1]() if routes else None
+
+
+def drop_routes(record: InstallRecord) -> None:
+    """Drop this context's routes of ``record``'s install (its removal, on the thread that removes it)."""
+    if _ROUTES.get():
+        _ROUTES.set(tuple(ref for ref in _live_routes() if ref().record is not record))  # type: ignore[union-attr]
 
 
 def _task_encoders(peft_model: nn.Module) -> list[nn.Module]:
@@ -247,7 +292,7 @@ def _ensure_task_ids_hook(peft_model: nn.Module, record: InstallRecord) -> None:
     """Register a :class:`TaskIdsHook` on a multitask encoder added after ``apply`` (add_adapter)."""
     for encoder in _task_encoders(peft_model):
         if not any(isinstance(h, TaskIdsHook) for h in encoder._forward_pre_hooks.values()):
-            encoder.register_forward_pre_hook(TaskIdsHook(record), with_kwargs=True)
+            record.register(encoder, TaskIdsHook(record))  # never after the install was removed
 
 
 # --- rewriting one call ---------------------------------------------------------------------------
@@ -275,16 +320,19 @@ def _prepare_call(
     fields: dict[str, Any] = {"m": m, "n": _input_length(new), "adapter": layout.adapter}
     if new.get("return_dict") is False:
         new["return_dict"], fields["as_tuple"] = True, True
-    fields["position_ids"] = new.pop("position_ids", None)
+    fields["position_ids"] = _position_ids(module, new.pop("position_ids", None), new)
     mask = new.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 4:
         fields["mask4d"], new["attention_mask"] = _check_4d_call(module, kind, mask, fields["n"]), None
     labels = new.get("labels")
+    if kind == "PeftModelForTokenClassification" and labels is not None:
+        labels = require_tensor(labels, name="labels", where=type(module).__name__)
     if kind == "PeftModelForTokenClassification" and labels is not None and labels.shape[1] != fields["n"] + m:
         new["labels"] = prefix_labels(labels, m)  # labels already M + N long were aligned by the caller
     if kind == "PeftModelForQuestionAnswering":
-        _shift_spans(new, m)
-        fields["token_type_ids"] = new.pop("token_type_ids", None)  # PEFT drops them silently here
+        fields.update(_take_spans(module, new))
+        types = new.pop("token_type_ids", None)  # PEFT drops them silently here
+        fields["token_type_ids"] = None if types is None else require_tensor(types, name="token_type_ids", where=kind)
     if layout.peft_type == "MULTITASK_PROMPT_TUNING":
         fields["routed"] = _require_task_ids(module, new)
     if new.get("encoder_outputs") is not None:
@@ -315,10 +363,65 @@ def _check_4d_call(module: nn.Module, kind: str, mask: Tensor, n: int) -> Tensor
     return mask
 
 
-def _shift_spans(kwargs: dict[str, Any], m: int) -> None:
-    for key in ("start_positions", "end_positions"):
-        if kwargs.get(key) is not None:
-            kwargs[key] = shift_span_positions(kwargs[key], m)
+def _position_ids(module: nn.Module, value: object, kwargs: Mapping[str, Any]) -> Tensor | None:
+    """The caller's ``position_ids`` as a tensor: a list or array (which PEFT accepts, and drops) too."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    like = next((v for k in ("input_ids", "inputs_embeds") if isinstance(v := kwargs.get(k), Tensor)), None)
+    try:
+        return torch.as_tensor(value, dtype=torch.long, device=None if like is None else like.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise PolicyError(
+            f"{type(module).__name__}: expected position_ids to be a tensor, or a list or array of ints, but got "
+            f"{type(value).__qualname__} ({exc})"
+        ) from exc
+
+
+def _take_spans(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the answer-span positions out of PEFT's way: :class:`PeftOutputHook` computes the span loss.
+
+    PEFT would hand them to the base model unshifted, and the base model's loss would put the
+    virtual tokens in the span softmax (see :func:`span_loss`).
+    """
+    spans = {key: kwargs.pop(key, None) for key in ("start_positions", "end_positions")}
+    return {
+        key: None if value is None else require_tensor(value, name=key, where=type(module).__name__)
+        for key, value in spans.items()
+    }
+
+
+def span_loss(start_logits: Tensor, end_logits: Tensor, start_positions: Tensor, end_positions: Tensor) -> Tensor:
+    """transformers' question-answering loss over the caller's ``N`` real positions.
+
+    ``start_logits`` / ``end_logits`` are ``(B, N)``: the virtual positions already cut, so an
+    answer can never land on a virtual token. The rule is transformers' own, in the caller's
+    frame: positions are clamped to ``[0, N]`` (a negative one means the first real token) and
+    ``N`` is the ignored index (so ``N`` or more is left out of the loss); the loss is the mean of
+    the start and end cross-entropies.
+    """
+    if start_positions.dim() > 1:
+        start_positions = start_positions.squeeze(-1)
+    if end_positions.dim() > 1:
+        end_positions = end_positions.squeeze(-1)
+    ignored = start_logits.shape[1]
+    start_positions = start_positions.to(start_logits.device).clamp(0, ignored)
+    end_positions = end_positions.to(end_logits.device).clamp(0, ignored)
+    start = F.cross_entropy(start_logits, start_positions, ignore_index=ignored)
+    end = F.cross_entropy(end_logits, end_positions, ignore_index=ignored)
+    return (start + end) / 2
+
+
+def _with_span_loss(repaired: Any, output: Any, call: PeftCall) -> Any:
+    """Return ``repaired`` with ``loss`` computed by :func:`span_loss` from the real positions of ``output``."""
+    if not isinstance(output, Mapping) or output.get("start_logits") is None or output.get("end_logits") is None:
+        return repaired
+    real = [_real_positions(output[key], call.n) for key in ("start_logits", "end_logits")]
+    loss = span_loss(*real, call.start_positions, call.end_positions)  # type: ignore[arg-type]
+    return type(repaired)(**{**dict(repaired.items()), "loss": loss})
+
+
+def _real_positions(logits: Tensor, n: int) -> Tensor:
+    return logits.narrow(1, logits.shape[1] - n, n)
 
 
 def _require_task_ids(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
@@ -420,7 +523,8 @@ def output_mask(
 
     Raises :class:`UnsupportedModelError` when ``model`` is not patched.
     """
-    if isinstance(model, nn.Module) and installed_count(model) is not None:
+    require_module(model, where="output_mask")
+    if installed_count(model) is not None:
         return prepended_mask(model, attention_mask, convention=convention)  # a prepended_tokens install
     record = find_record(model) if isinstance(model, nn.Module) else None
     if record is None:
@@ -432,8 +536,7 @@ def output_mask(
             "an x-transformers install prepends prepend_embeds per call: use "
             "maskpatch.adapters.x_transformers.output_mask(model, mask, prepend=prepend_embeds)"
         )
-    if attention_mask.dim() != 2:
-        raise PolicyError(f"expected a 2-D (batch, tokens) attention_mask, but got shape {tuple(attention_mask.shape)}")
+    require_tensor(attention_mask, name="attention_mask", where="output_mask", dims=(2,))
     layout = _peft_layout(model)
     if record.policy == "strip" or not layout.adds_positions:
         return attention_mask
@@ -447,7 +550,31 @@ def _peft_layout(model: nn.Module) -> VirtualLayout:
 
 # --- disable_adapter() on models that cannot generate -------------------------------------------
 
-_WRAPPER_LOCK = threading.Lock()
+_WRAPPER_LOCK = threading.RLock()
+# The installs that hold the class-level wrapper; the last one to go takes it off again. Weak:
+# an install dropped with its model without remove() does not hold the wrapper forever.
+_WRAPPER_HOLDERS: weakref.WeakSet[InstallRecord] = weakref.WeakSet()
+
+
+def hold_disable_adapter_wrapper(record: InstallRecord) -> None:
+    """Put the ``disable_adapter`` wrapper on (if peft is imported) for as long as ``record``'s install lives.
+
+    Called when a hook that needs it is registered; the install's removal releases it, and the
+    release of the last holder restores PEFT's own method exactly.
+    """
+    with _WRAPPER_LOCK:
+        if record in _WRAPPER_HOLDERS or sys.modules.get("peft.peft_model") is None:
+            return
+        ensure_disable_adapter_wrapper()
+        _WRAPPER_HOLDERS.add(record)
+        record.releases.append(_release_disable_adapter_wrapper)
+
+
+def _release_disable_adapter_wrapper(record: InstallRecord) -> None:
+    with _WRAPPER_LOCK:
+        _WRAPPER_HOLDERS.discard(record)
+        if not _WRAPPER_HOLDERS:
+            remove_disable_adapter_wrapper()
 
 
 def ensure_disable_adapter_wrapper() -> None:

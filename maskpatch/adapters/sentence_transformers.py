@@ -34,7 +34,6 @@ from ..hooks import (
     position_hook_for,
 )
 from ..layout import active_layout, is_peft_model
-from .peft import ensure_disable_adapter_wrapper
 from .st_consumers import consumer_specs
 
 __all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
@@ -81,8 +80,7 @@ def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
     """The position hook for a PEFT model already inside the Transformer (later ones: lazily)."""
     if not is_peft_model(inner):
         return []
-    # PEFT's disable_adapter() crashes on encoders without generation support; see adapters.peft.
-    ensure_disable_adapter_wrapper()
+    # The hook holds the disable_adapter() wrapper once it is registered (PositionIdsHook.attached).
     hook = position_hook_for(inner, record)
     return [] if hook is None else [HookSpec(inner.base_model, hook)]  # type: ignore[attr-defined]
 
@@ -94,13 +92,12 @@ class TransformerPositionHook(MaskpatchHook):
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         inner = getattr(module, "model", None)
-        if not is_peft_model(inner) or has_position_hook(inner.base_model):
+        if self.record.removed or not is_peft_model(inner) or has_position_hook(inner.base_model):
             return  # the usual case: nothing to register, and no lock taken
         with LOCK:
-            # A remove() on another thread may have run since this forward began: register only
-            # while this install is still in place, so that nothing of it is left behind.
-            if any(hook is self for hook in module._forward_pre_hooks.values()):
-                ensure_position_hook(inner, self.record)
+            # A remove() on another thread may have run since this forward began: the record
+            # registers nothing once its install is removed, so nothing of it is left behind.
+            ensure_position_hook(inner, self.record)
 
 
 class TransformerOutputHook(MaskpatchHook):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 import maskpatch
 from maskpatch.adapters.generic import PrependedOutputHook
 
-from helpers import policy_mask, policy_tokens, pool_by_hand
+from helpers import assert_no_residue, policy_mask, policy_tokens, pool_by_hand, residue_snapshot
 
 M = 3
 D = 16
@@ -178,7 +178,7 @@ def test_output_shorter_than_the_count_raises_drift_error():
     """A count larger than the output's positions cannot be right: DriftError names both numbers."""
     module = MemoryEncoder()
     with maskpatch.patched(module, policy="extend", prepended_tokens=20):
-        with pytest.raises(maskpatch.DriftError, match="at least 20 positions"):
+        with pytest.raises(maskpatch.DriftError, match="with 25 positions on axis 1"):
             run(module)
 
 
@@ -201,6 +201,7 @@ def test_remove_is_exact_and_copies_stay_patched():
     module = MemoryEncoder()
     state_before = set(module.__dict__)
     forward_before = module.forward
+    residue = residue_snapshot(module)
     handle = maskpatch.apply(module, policy="strip", prepended_tokens=M)
     assert any(isinstance(h, PrependedOutputHook) for h in module._forward_hooks.values())
 
@@ -213,6 +214,7 @@ def test_remove_is_exact_and_copies_stay_patched():
     handle.remove()
     handle.remove()  # idempotent
     assert not maskpatch.is_patched(module)
+    assert_no_residue(residue, module)
     assert not module._forward_hooks and not module._forward_hooks_with_kwargs
     assert set(module.__dict__) == state_before
     assert module.forward == forward_before

@@ -31,6 +31,8 @@ from maskpatch.adapters.peft import PeftCall, PeftOutputHook
 from maskpatch.errors import DriftError, PolicyError, UnsupportedModelError
 from maskpatch.handle import find_record
 
+from helpers import assert_no_residue, residue_snapshot
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),
     pytest.mark.filterwarnings("ignore:.*[Tt]oken type ids.*"),
@@ -287,9 +289,17 @@ def test_token_classification_trains_through_hf_trainer(policy, tmp_path):
 START, END = torch.tensor([1, 2]), torch.tensor([3, 5])
 
 
+def span_loss_by_hand(start_logits: Tensor, end_logits: Tensor, start: Tensor, end: Tensor) -> Tensor:
+    """The QA loss over the N real positions (the M virtual ones cut), in the caller's frame: clamp to [0, N], N ignored."""
+    real_start, real_end = start_logits[:, M:], end_logits[:, M:]
+    n = real_start.shape[1]
+    ce = torch.nn.CrossEntropyLoss(ignore_index=n)
+    return (ce(real_start, start.clamp(0, n)) + ce(real_end, end.clamp(0, n))) / 2
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_question_answering_positions_are_shifted(policy):
-    """Start/end logits equal the reference; the loss uses the caller's positions moved up by M."""
+    """Start/end logits equal the reference; the loss is the span loss over the real positions, caller's frame."""
     pm = peft_model("QUESTION_ANS")
     types = torch.tensor([[0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
     out = call(pm, BATCH, policy, token_type_ids=types, start_positions=START, end_positions=END)
@@ -297,7 +307,8 @@ def test_question_answering_positions_are_shifted(policy):
     ref = by_hand(pm, BATCH, _mask(BATCH), token_type_ids=zero_types, start_positions=START + M, end_positions=END + M)
     torch.testing.assert_close(out.start_logits, cut(ref.start_logits, policy), atol=ATOL, rtol=0)
     torch.testing.assert_close(out.end_logits, cut(ref.end_logits, policy), atol=ATOL, rtol=0)
-    torch.testing.assert_close(out.loss, ref.loss, atol=ATOL, rtol=0)
+    loss = span_loss_by_hand(ref.start_logits, ref.end_logits, START, END)
+    torch.testing.assert_close(out.loss, loss, atol=ATOL, rtol=0)
     assert torch.equal(START, torch.tensor([1, 2]))
     if policy == "strip":  # the caller's positions index the logits the caller gets back
         assert out.start_logits.shape == BATCH.shape
@@ -308,8 +319,8 @@ def test_question_answering_is_wrong_without_maskpatch():
     pm = peft_model("QUESTION_ANS")
     with torch.no_grad():
         loss = pm(input_ids=BATCH, attention_mask=_mask(BATCH), start_positions=START, end_positions=END).loss
-    ref = by_hand(pm, BATCH, _mask(BATCH), start_positions=START + M, end_positions=END + M)
-    assert (loss - ref.loss).abs() > 1e-3
+    ref = by_hand(pm, BATCH, _mask(BATCH))
+    assert (loss - span_loss_by_hand(ref.start_logits, ref.end_logits, START, END)).abs() > 1e-3
 
 
 # --- controls: no token-level drift, bit-identical -------------------------------------------------
@@ -449,11 +460,13 @@ def test_remove_is_exact_and_idempotent():
     before = _hook_state(pm)
     with torch.no_grad():
         raw = pm(input_ids=BATCH, attention_mask=_mask(BATCH)).logits
+    residue = residue_snapshot(pm)
     handle = maskpatch.apply(pm, policy="strip")
     assert maskpatch.is_patched(pm) and handle.adapter == "peft"
     handle.remove()
     handle.remove()
     assert _hook_state(pm) == before and not maskpatch.is_patched(pm)
+    assert_no_residue(residue, pm)  # the disable_adapter() wrapper went with the install
     with torch.no_grad():
         assert torch.equal(pm(input_ids=BATCH, attention_mask=_mask(BATCH)).logits, raw)
 

@@ -14,12 +14,14 @@ import pytest
 from conftest import TEXTS
 from helpers import (
     add_prompt_learning,
+    assert_no_residue,
     encode,
     exclude_instruction,
     peft_token_embeddings,
     policy_mask,
     policy_tokens,
     pool_by_hand,
+    residue_snapshot,
     st_model,
     with_head,
 )
@@ -133,6 +135,7 @@ def test_position_hook_is_registered_once_and_removed_exactly(decoders):
     model = decoders["qwen2", "left"]
     base = model[0].model.base_model
     before = (dict(base._forward_pre_hooks), dict(base._forward_pre_hooks_with_kwargs), sorted(vars(base)))
+    residue = residue_snapshot(model.eval())  # encode() switches to eval mode itself
     handle = maskpatch.apply(model)
     assert sum(isinstance(h, PositionIdsHook) for h in base._forward_pre_hooks.values()) == 1
     encode(model, TEXTS)
@@ -141,6 +144,7 @@ def test_position_hook_is_registered_once_and_removed_exactly(decoders):
     handle.remove()
     assert (dict(base._forward_pre_hooks), dict(base._forward_pre_hooks_with_kwargs), sorted(vars(base))) == before
     assert not any(isinstance(h, MaskpatchHook) for m in model.modules() for h in m._forward_pre_hooks.values())
+    assert_no_residue(residue, model)
 
 
 def test_adapter_added_after_apply_gets_the_position_repair(tiny_model_dir):

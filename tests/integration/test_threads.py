@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import add_prompt_learning, encode, st_model, state
+from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model, state
 from torch import nn
 
 import maskpatch
@@ -130,6 +130,7 @@ def test_patched_blocks_on_several_threads_share_one_install_until_the_last_exit
 def test_random_interleavings_of_patched_blocks_leave_the_model_exactly_unpatched(st):
     """8 threads open and close patched() blocks 10 times each at random; inside, results are always right."""
     before, unpatched = state(st), encode(st, TEXTS)
+    residue = residue_snapshot(st)
     with maskpatch.patched(st, policy="strip"):
         refs = references(st)
     start = threading.Barrier(8)
@@ -144,4 +145,5 @@ def test_random_interleavings_of_patched_blocks_leave_the_model_exactly_unpatche
     run_threads(8, work)
     assert not maskpatch.is_patched(st)
     assert state(st) == before
+    assert_no_residue(residue, st)
     assert torch.equal(encode(st, TEXTS), unpatched)

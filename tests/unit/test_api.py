@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 import torch
 from conftest import TEXTS
-from helpers import HOOK_DICTS, add_prompt_learning, encode, st_model
+from helpers import HOOK_DICTS, add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
 from torch import nn
 
 import maskpatch
@@ -71,6 +71,7 @@ def _maskpatch_leftovers(model: nn.Module, keys: set[tuple[int, int]]) -> list[s
 
 def test_apply_returns_an_active_handle_and_remove_unpatches(model):
     """apply() patches and returns a PatchHandle; handle.remove() unpatches; a second remove does nothing."""
+    residue = residue_snapshot(model)
     handle = maskpatch.apply(model, policy="ignore")
     assert isinstance(handle, PatchHandle)
     assert maskpatch.is_patched(model)
@@ -81,6 +82,7 @@ def test_apply_returns_an_active_handle_and_remove_unpatches(model):
     handle.remove()  # idempotent
     assert not maskpatch.is_patched(model)
     assert maskpatch.remove(model) is False
+    assert_no_residue(residue, model)
 
 
 def test_apply_default_policy_is_extend(model):
@@ -121,9 +123,11 @@ def test_second_apply_with_another_policy_raises_and_keeps_the_first(model):
 
 def test_remove_function_undoes_an_apply(model):
     """maskpatch.remove(model) removes an install made by apply() and reports that it did."""
+    residue = residue_snapshot(model)
     handle = maskpatch.apply(model)
     assert maskpatch.remove(model) is True
     assert not maskpatch.is_patched(model) and not handle.active
+    assert_no_residue(residue, model)
 
 
 # --- errors, checked before anything changes ------------------------------------------------
@@ -287,6 +291,7 @@ def test_remove_is_exact_including_the_lazily_added_position_hook(model, policy)
     no forward rebound, and outputs bit-identical to the unpatched model's."""
     before_state = _state(model)
     before_out = encode(model, TEXTS)
+    residue = residue_snapshot(model)
     handle = maskpatch.apply(model, policy=policy)
     patched_out = encode(model, TEXTS)
     base = model[0].model.base_model
@@ -297,16 +302,18 @@ def test_remove_is_exact_including_the_lazily_added_position_hook(model, policy)
     handle.remove()
     assert _maskpatch_leftovers(model, keys) == []
     assert _state(model) == before_state
+    assert_no_residue(residue, model)
     assert all("forward" not in vars(m) for m in model.modules())
     assert torch.equal(encode(model, TEXTS), before_out)
 
 
 def test_remove_after_patched_block_is_exact(model):
     """A patched() block leaves the model exactly as before, lazily added hooks included."""
-    before_state = _state(model)
+    before_state, residue = _state(model), residue_snapshot(model)
     with maskpatch.patched(model):
         encode(model, TEXTS)
     assert _state(model) == before_state
+    assert_no_residue(residue, model)
 
 
 # --- importing maskpatch --------------------------------------------------------------------
