@@ -53,6 +53,7 @@ from ..hooks import InstallRecord, MaskpatchHook, accepts_position_ids, position
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids, shift_span_positions
 from .generic import installed_count, prepended_mask
+from .peft_generation import GENERATING_CLASSES, carries_maskpatch_hooks, ensure_generation_wrapper
 
 __all__ = [
     "CALL_KEY",
@@ -117,6 +118,8 @@ class PeftAdapter:
             specs.append(HookSpec(base, positions))
         specs.extend(HookSpec(encoder, TaskIdsHook(record)) for encoder in _task_encoders(model))
         ensure_disable_adapter_wrapper()
+        if _kind(model) in GENERATING_CLASSES:
+            ensure_generation_wrapper()  # generate on transformers 5.24+: see adapters.peft_generation
         return specs
 
 
@@ -484,13 +487,8 @@ def _disable_adapter_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...],
 def _needs_generation_stub(peft_model: Any) -> bool:
     # Patched by this adapter (a hook on the PeftModel) or by the sentence-transformers one (a
     # position hook on its base model).
-    patched = any(
-        isinstance(h, MaskpatchHook)
-        for module in (peft_model, peft_model.base_model)
-        for h in module._forward_pre_hooks.values()
-    )
     return (
-        patched
+        carries_maskpatch_hooks(peft_model)
         and peft_model.peft_config[peft_model.active_adapter].is_prompt_learning
         and not hasattr(peft_model.base_model, "prepare_inputs_for_generation")
     )
