@@ -98,7 +98,8 @@ def _prepare_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs:
         return wrapped(*args, **kwargs)
     name = generation_cache_name()
     given = cache_name_in(kwargs)
-    base_prepare = functools.partial(_base_prepare_for_peft, instance.base_model_prepare_inputs_for_generation)
+    own: Callable[..., Mapping[str, Any]] = instance.base_model_prepare_inputs_for_generation  # type: ignore[assignment]
+    base_prepare = functools.partial(_base_prepare_for_peft, own)
     prepared = wrapped.__func__(_PeftView(instance, base_prepare), *args, **kwargs)
     prepared = with_cache_name(prepared, name)
     _check_step(instance, None if given is None else kwargs[given], prepared, name)
@@ -143,7 +144,9 @@ def _check_step(peft_model: nn.Module, given: Any, prepared: Mapping[str, Any], 
         return
     where = f"{type(peft_model).__name__}.prepare_inputs_for_generation ({_versions()})"
     if prepared.get(name) is not given:
-        raise UnsupportedVersionError(f"{where}: expected a step after the first to keep its cache, but it was replaced")
+        raise UnsupportedVersionError(
+            f"{where}: expected a step after the first to keep its cache, but it was replaced"
+        )
     if active_layout(peft_model).adds_positions and prepared.get("inputs_embeds") is not None:
         raise UnsupportedVersionError(
             f"{where}: expected a step after the first to pass only the new tokens, but the prompt was prepended again"

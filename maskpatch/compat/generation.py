@@ -42,12 +42,12 @@ PEFT_CACHE_NAME = LEGACY_CACHE
 
 @functools.cache
 def generation_cache_name() -> str:
-    """Return the keyword the installed transformers' ``generate`` passes the cache under: ``cache`` or ``past_key_values``.
+    """Return the keyword the installed transformers' ``generate`` passes the cache under.
 
-    Read from the signature of ``GenerationMixin.prepare_inputs_for_generation``, the function
-    ``generate`` calls at every step (``cache`` from 5.24 on). Raises
-    :class:`~maskpatch.errors.UnsupportedVersionError` when it names neither, so that a
-    transformers that moved the cache again is refused instead of being half repaired.
+    ``cache`` (transformers 5.24 on) or ``past_key_values``, read from the signature of
+    ``GenerationMixin.prepare_inputs_for_generation``, the function ``generate`` calls at every
+    step. Raises :class:`~maskpatch.errors.UnsupportedVersionError` when it names neither, so
+    that a transformers that moved the cache again is refused instead of being half repaired.
     """
     import transformers
     from transformers.generation.utils import GenerationMixin
