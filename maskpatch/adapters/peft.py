@@ -53,7 +53,7 @@ from ..hooks import InstallRecord, MaskpatchHook, accepts_position_ids, position
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids, shift_span_positions
 from .generic import installed_count, prepended_mask
-from .peft_generation import GENERATING_CLASSES, carries_maskpatch_hooks, ensure_generation_wrapper
+from .peft_generation import carries_maskpatch_hooks, ensure_generation_wrapper, generates_with_peft
 
 __all__ = [
     "CALL_KEY",
@@ -118,7 +118,7 @@ class PeftAdapter:
             specs.append(HookSpec(base, positions))
         specs.extend(HookSpec(encoder, TaskIdsHook(record)) for encoder in _task_encoders(model))
         ensure_disable_adapter_wrapper()
-        if _kind(model) in GENERATING_CLASSES:
+        if generates_with_peft(model):
             ensure_generation_wrapper()  # generate on transformers 5.24+: see adapters.peft_generation
         return specs
 

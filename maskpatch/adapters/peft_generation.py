@@ -38,6 +38,7 @@ __all__ = [
     "GENERATING_CLASSES",
     "carries_maskpatch_hooks",
     "ensure_generation_wrapper",
+    "generates_with_peft",
     "remove_generation_wrapper",
 ]
 
@@ -54,6 +55,11 @@ def carries_maskpatch_hooks(peft_model: Any) -> bool:
         for module in (peft_model, peft_model.base_model)
         for hook in module._forward_pre_hooks.values()
     )
+
+
+def generates_with_peft(peft_model: Any) -> bool:
+    """Return whether ``peft_model`` is one of :data:`GENERATING_CLASSES` (or a subclass)."""
+    return any(cls.__name__ in GENERATING_CLASSES for cls in type(peft_model).__mro__)
 
 
 def ensure_generation_wrapper() -> None:

@@ -35,6 +35,7 @@ from ..hooks import (
 )
 from ..layout import active_layout, is_peft_model
 from .peft import ensure_disable_adapter_wrapper
+from .peft_generation import ensure_generation_wrapper, generates_with_peft
 from .st_consumers import consumer_specs
 
 __all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
@@ -83,6 +84,8 @@ def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
         return []
     # PEFT's disable_adapter() crashes on encoders without generation support; see adapters.peft.
     ensure_disable_adapter_wrapper()
+    if generates_with_peft(inner):
+        ensure_generation_wrapper()  # generate on transformers 5.24+: see adapters.peft_generation
     hook = position_hook_for(inner, record)
     return [] if hook is None else [HookSpec(inner.base_model, hook)]  # type: ignore[attr-defined]
 
