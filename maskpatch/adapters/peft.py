@@ -28,6 +28,8 @@ returns the mask that lines up with them. The computation itself is the same und
 ``prepare_inputs_for_generation`` (BERT and every other encoder). There is no hook point for it,
 so maskpatch wraps ``PeftModel.disable_adapter`` once per process with wrapt (on the class, so
 patched models still pickle); the wrapper changes nothing for models maskpatch has not patched.
+For ``generate`` on transformers 5.24+ (the cache keyword renamed), causal and seq2seq models get
+the class-level wrapper of :mod:`maskpatch.adapters.peft_generation` the same way.
 """
 
 from __future__ import annotations
