@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .compat.generation import cache_name_in
 from .drift import Policy, positions_from_mask
 from .layout import active_layout, is_peft_model
 
@@ -135,7 +136,8 @@ class PositionIdsHook(MaskpatchHook):
     the extended mask instead: virtual tokens ``0..M-1``, real tokens from ``M``, pads skipped.
     It only acts when the active adapter prepends positions and the caller gave no position ids.
     In a cached decoding step of ``generate`` (``q`` new tokens, a mask over the whole sequence
-    and ``past_key_values``) it passes the last ``q`` of those position ids.
+    and a cache, as ``past_key_values`` or, since transformers 5.24, ``cache``) it passes the
+    last ``q`` of those position ids.
     """
 
     pre = True
@@ -154,12 +156,13 @@ class PositionIdsHook(MaskpatchHook):
         if kwargs.get("position_ids") is not None:
             return None
         mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
-        if embeds is None and kwargs.get("past_key_values") is not None:
+        cached = cache_name_in(kwargs) is not None  # under either name: ``cache`` since transformers 5.24
+        if embeds is None and cached:
             embeds = kwargs.get("input_ids")  # a decoding step of generate: new token ids after a cache
         if not isinstance(mask, torch.Tensor) or not isinstance(embeds, torch.Tensor) or mask.dim() != 2:
             return None
         new = embeds.shape[1]
-        if mask.shape[1] != new and not (mask.shape[1] > new and kwargs.get("past_key_values") is not None):
+        if mask.shape[1] != new and not (mask.shape[1] > new and cached):
             return None
         if not active_layout(self.peft_model).adds_positions:
             return None

@@ -30,7 +30,9 @@ returns the mask that lines up with them. The computation itself is the same und
 so maskpatch wraps ``PeftModel.disable_adapter`` with wrapt (on the class, so patched models still
 pickle) while an install with a hook on a PeftModel lives: the first such install puts the
 wrapper on, the removal of the last one takes it off (:func:`hold_disable_adapter_wrapper`). The
-wrapper changes nothing for models maskpatch has not patched.
+wrapper changes nothing for models maskpatch has not patched. For ``generate`` on transformers
+5.24+ (the cache keyword renamed), the class-level wrapper of :mod:`maskpatch.adapters.peft_generation`
+is held and released the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ from ..inputs import require_module, require_tensor
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids
 from .generic import installed_count, prepended_mask
+from ..compat.generation import generation_cache_name
+from .peft_generation import (
+    carries_maskpatch_hooks,
+    ensure_generation_wrapper,
+    generates_with_peft,
+    remove_generation_wrapper,
+)
 
 __all__ = [
     "CALL_KEY",
@@ -127,6 +136,8 @@ class PeftAdapter:
         if positions is not None:
             specs.append(HookSpec(base, positions))
         specs.extend(HookSpec(encoder, TaskIdsHook(record)) for encoder in _task_encoders(model))
+        if generates_with_peft(model):
+            generation_cache_name()  # refuses, at apply, a transformers that names the cache neither way
         return specs  # the disable_adapter() wrapper goes in with PeftCallHook (attached), not here
 
 
@@ -566,6 +577,7 @@ def hold_disable_adapter_wrapper(record: InstallRecord) -> None:
         if record in _WRAPPER_HOLDERS or sys.modules.get("peft.peft_model") is None:
             return
         ensure_disable_adapter_wrapper()
+        ensure_generation_wrapper()  # generate on transformers 5.24+: see adapters.peft_generation
         _WRAPPER_HOLDERS.add(record)
         record.releases.append(_release_disable_adapter_wrapper)
 
@@ -575,6 +587,7 @@ def _release_disable_adapter_wrapper(record: InstallRecord) -> None:
         _WRAPPER_HOLDERS.discard(record)
         if not _WRAPPER_HOLDERS:
             remove_disable_adapter_wrapper()
+            remove_generation_wrapper()
 
 
 def ensure_disable_adapter_wrapper() -> None:
@@ -616,13 +629,8 @@ def _disable_adapter_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...],
 def _needs_generation_stub(peft_model: Any) -> bool:
     # Patched by this adapter (a hook on the PeftModel) or by the sentence-transformers one (a
     # position hook on its base model).
-    patched = any(
-        isinstance(h, MaskpatchHook)
-        for module in (peft_model, peft_model.base_model)
-        for h in module._forward_pre_hooks.values()
-    )
     return (
-        patched
+        carries_maskpatch_hooks(peft_model)
         and peft_model.peft_config[peft_model.active_adapter].is_prompt_learning
         and not hasattr(peft_model.base_model, "prepare_inputs_for_generation")
     )

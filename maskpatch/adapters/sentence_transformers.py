@@ -34,6 +34,8 @@ from ..hooks import (
     position_hook_for,
 )
 from ..layout import active_layout, is_peft_model
+from ..compat.generation import generation_cache_name
+from .peft_generation import generates_with_peft
 from .st_consumers import consumer_specs
 
 __all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
@@ -80,7 +82,9 @@ def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
     """The position hook for a PEFT model already inside the Transformer (later ones: lazily)."""
     if not is_peft_model(inner):
         return []
-    # The hook holds the disable_adapter() wrapper once it is registered (PositionIdsHook.attached).
+    # The hook holds the disable_adapter() and generation wrappers once it is registered (PositionIdsHook.attached).
+    if generates_with_peft(inner):
+        generation_cache_name()  # refuses, at apply, a transformers that names the cache neither way
     hook = position_hook_for(inner, record)
     return [] if hook is None else [HookSpec(inner.base_model, hook)]  # type: ignore[attr-defined]
 
