@@ -20,6 +20,7 @@ from torch import nn
 
 from .drift import Policy, positions_from_mask
 from .layout import active_layout, is_peft_model
+from .positions import position_scheme
 
 __all__ = [
     "LOCK",
@@ -86,17 +87,20 @@ class PositionIdsHook(MaskpatchHook):
     PEFT drops ``position_ids`` for prompt tuning and P-tuning, so the base model numbers the
     ``M + N`` positions ``0..M+N-1`` and a left-padded text gets other positions (and, with
     RoPE, other results) than the same text alone. This hook passes position ids computed from
-    the extended mask instead: virtual tokens ``0..M-1``, real tokens from ``M``, pads skipped.
-    It only acts when the active adapter prepends positions and the caller gave no position ids.
+    the extended mask instead, in the model's own numbering (:mod:`maskpatch.positions`): virtual
+    tokens ``first..first+M-1``, real tokens from ``first+M``, pads skipped, where ``first`` is the
+    position the model gives the first of an unpadded input (0 for most, ``padding_idx + 1`` for
+    RoBERTa-style embeddings), fixed at install. It only acts when the active adapter prepends positions and the caller gave no position ids.
     In a cached decoding step of ``generate`` (``q`` new tokens, a mask over the whole sequence
     and ``past_key_values``) it passes the last ``q`` of those position ids.
     """
 
     pre = True
 
-    def __init__(self, record: InstallRecord, peft_model: nn.Module) -> None:
+    def __init__(self, record: InstallRecord, peft_model: nn.Module, *, first: int = 0) -> None:
         super().__init__(record)
         self.peft_model = peft_model
+        self.first = first
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if kwargs.get("position_ids") is not None:
@@ -111,7 +115,7 @@ class PositionIdsHook(MaskpatchHook):
             return None
         if not active_layout(self.peft_model).adds_positions:
             return None
-        positions = positions_from_mask(mask)
+        positions = positions_from_mask(mask, self.first)
         if new != mask.shape[1]:  # only a decoding step slices: a no-op slice still costs a dispatch
             positions = positions[:, mask.shape[1] - new :]
         return args, {**kwargs, "position_ids": positions}
@@ -152,7 +156,7 @@ def position_hook_for(peft_model: Any, record: InstallRecord) -> PositionIdsHook
     base = peft_model.base_model
     if has_position_hook(base) or not accepts_position_ids(base):
         return None
-    return PositionIdsHook(record, peft_model)
+    return PositionIdsHook(record, peft_model, first=position_scheme(base).first)
 
 
 def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:
