@@ -18,6 +18,7 @@ from .drift import POLICIES, Policy
 from .errors import (
     AlreadyPatchedError,
     DriftError,
+    KnownLimitError,
     MaskpatchError,
     MaskpatchWarning,
     PolicyError,
@@ -35,6 +36,7 @@ __all__ = [
     "Adapter",
     "AlreadyPatchedError",
     "DriftError",
+    "KnownLimitError",
     "MaskConvention",
     "MaskpatchError",
     "MaskpatchWarning",

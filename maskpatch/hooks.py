@@ -45,15 +45,21 @@ class InstallRecord:
     ``pinned`` is true while an explicit :func:`maskpatch.apply` owns the install; ``contexts``
     counts the :func:`maskpatch.patched` blocks inside it. The install is removed when the last
     context exits, unless it is pinned. ``root`` is the module ``apply`` was called on, so that a
-    handle obtained through a part of it still removes the whole install.
+    handle obtained through a part of it still removes the whole install. ``strict`` turns a known
+    limit into an error instead of a warning; ``reported`` names the limits already warned about,
+    so each warns once per install (:mod:`maskpatch.limits`).
     """
 
-    def __init__(self, policy: Policy, adapter: str, *, pinned: bool, root: nn.Module | None = None) -> None:
+    def __init__(
+        self, policy: Policy, adapter: str, *, pinned: bool, root: nn.Module | None = None, strict: bool = False
+    ) -> None:
         self.policy: Policy = policy
         self.adapter = adapter
         self.pinned = pinned
         self.contexts = 0
         self.root = root
+        self.strict = strict
+        self.reported: set[str] = set()  # the known limits this install has warned about (maskpatch.limits)
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy lives on in another process or object, where no ``patched()`` block of ours is

@@ -62,14 +62,34 @@ class PositionScheme:
     source: str = "counted from 0"
 
 
+# (type of the model, id(config)) -> (config, scheme): the scheme follows from the class and the
+# config. The entry holds the config, so its id is not reused while the entry lives; bounded.
+_SCHEMES: dict[tuple[type, int], tuple[object, PositionScheme]] = {}
+_MAX_SCHEMES = 256
+
+
 def position_scheme(base: nn.Module) -> PositionScheme:
     """Return the :class:`PositionScheme` of ``base`` (a transformers model, or any module).
 
     Reads ``base.forward``'s signature, ``base.config`` and the first embeddings module that
     numbers ``inputs_embeds`` itself (transformers' ``create_position_ids_from_inputs_embeds``).
-    Changes nothing; cheap enough for install time (one walk over the modules), not for a forward.
+    Computed once per model class and config object (one walk over the modules), then cached;
+    a module without a config is walked each time. Changes nothing.
     """
     config = getattr(base, "config", None)
+    key = (type(base), id(config))
+    cached = _SCHEMES.get(key) if config is not None else None
+    if cached is not None and cached[0] is config:
+        return cached[1]
+    scheme = _scheme_of(base, config)
+    if config is not None:
+        if len(_SCHEMES) >= _MAX_SCHEMES:
+            _SCHEMES.clear()
+        _SCHEMES[key] = (config, scheme)
+    return scheme
+
+
+def _scheme_of(base: nn.Module, config: object) -> PositionScheme:
     model_type = str(getattr(config, "model_type", "") or "")
     first, source = _first_position(base)
     return PositionScheme(

@@ -50,6 +50,7 @@ from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record
 from ..hooks import InstallRecord, MaskpatchHook, accepts_position_ids, position_hook_for
+from ..limits import limit_hook_for
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids, shift_span_positions
 from ..positions import position_scheme
@@ -116,6 +117,9 @@ class PeftAdapter:
         positions = position_hook_for(model, record)
         if positions is not None:
             specs.append(HookSpec(base, positions))
+        limits = limit_hook_for(model, record)  # reports what no position ids can repair (left-padded T5, ...)
+        if limits is not None:
+            specs.append(HookSpec(base, limits))
         specs.extend(HookSpec(encoder, TaskIdsHook(record)) for encoder in _task_encoders(model))
         ensure_disable_adapter_wrapper()
         return specs

@@ -34,6 +34,7 @@ from ..hooks import (
     position_hook_for,
 )
 from ..layout import active_layout, is_peft_model
+from ..limits import PART_MODEL_POOLING, WEIGHTEDMEAN_LEFT_PADDING, ensure_limit_hook, has_pads_before_tokens, limit_hook_for, report
 from .peft import ensure_disable_adapter_wrapper
 from .st_consumers import consumer_specs
 
@@ -65,10 +66,12 @@ class SentenceTransformersAdapter:
     def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
         transformer_cls, pooling_cls = _classes()  # type: ignore[misc]  # matches() ran first
         specs: list[HookSpec] = []
+        # An install on a part of the model (apply(model[0])) cannot reach the Pooling that follows.
+        sees_pooling = any(isinstance(module, pooling_cls) for module in model.modules())
         for module in model.modules():
             if isinstance(module, transformer_cls):
                 specs.append(HookSpec(module, TransformerPositionHook(record)))
-                specs.append(HookSpec(module, TransformerOutputHook(record)))
+                specs.append(HookSpec(module, TransformerOutputHook(record, sees_pooling=sees_pooling)))
                 specs.extend(_position_specs(getattr(module, "model", None), record))
             elif isinstance(module, pooling_cls) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
@@ -83,8 +86,9 @@ def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
         return []
     # PEFT's disable_adapter() crashes on encoders without generation support; see adapters.peft.
     ensure_disable_adapter_wrapper()
-    hook = position_hook_for(inner, record)
-    return [] if hook is None else [HookSpec(inner.base_model, hook)]  # type: ignore[attr-defined]
+    base = inner.base_model  # type: ignore[attr-defined]
+    hooks = (position_hook_for(inner, record), limit_hook_for(inner, record))
+    return [HookSpec(base, hook) for hook in hooks if hook is not None]
 
 
 class TransformerPositionHook(MaskpatchHook):
@@ -101,10 +105,21 @@ class TransformerPositionHook(MaskpatchHook):
             # while this install is still in place, so that nothing of it is left behind.
             if any(hook is self for hook in module._forward_pre_hooks.values()):
                 ensure_position_hook(inner, self.record)
+                ensure_limit_hook(inner, self.record)
 
 
 class TransformerOutputHook(MaskpatchHook):
-    """Forward hook on ``Transformer``: repair the features dict for the modules downstream."""
+    """Forward hook on ``Transformer``: repair the features dict for the modules downstream.
+
+    ``sees_pooling`` is false for an install on a part of the model (``apply(model[0])``): under
+    ``extend`` it then reports the known limit ``part-model-pooling`` when the features carry a
+    ``prompt_length``, since a ``Pooling(include_prompt=False)`` it cannot reach would exclude the
+    virtual tokens instead of the instruction.
+    """
+
+    def __init__(self, record: InstallRecord, *, sees_pooling: bool = True) -> None:
+        super().__init__(record)
+        self.sees_pooling = sees_pooling
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not isinstance(output, MutableMapping):
@@ -127,6 +142,15 @@ class TransformerOutputHook(MaskpatchHook):
             f"attention_mask has {mask.shape[1]}"
         )
         m = check_excess(observed, layout.num_virtual_tokens, where=where, adapter=layout.adapter)
+        if not self.sees_pooling and self.record.policy == "extend" and output.get("prompt_length") is not None:
+            report(
+                self.record,
+                PART_MODEL_POOLING,
+                f"{type(module).__name__} was patched on its own under 'extend' and its features carry a "
+                "prompt_length; a Pooling(include_prompt=False) after it would exclude the virtual tokens "
+                "instead of the instruction",
+                stacklevel=2,
+            )
         return repair_features(output, key, m, self.record.policy)
 
 
@@ -153,7 +177,11 @@ class PoolingPromptHook(MaskpatchHook):
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         features = args[0] if args else None
-        if getattr(module, "include_prompt", True) or not isinstance(features, MutableMapping):
+        if not isinstance(features, MutableMapping):
+            return None
+        if _weighted(module):
+            _check_weightedmean(module, features, self.record)
+        if getattr(module, "include_prompt", True):
             return None
         mask, ids, count = features.get("attention_mask"), features.get("input_ids"), features.get("prompt_length")
         if count is None or not isinstance(mask, Tensor) or not isinstance(ids, Tensor):
@@ -166,3 +194,25 @@ class PoolingPromptHook(MaskpatchHook):
         del repaired["prompt_length"]
         repaired["attention_mask"] = torch.cat((mask.narrow(1, 0, m), real), dim=1)
         return (repaired, *args[1:]), kwargs
+
+
+def _weighted(pooling: nn.Module) -> bool:
+    mode = getattr(pooling, "pooling_mode", ())
+    return "weightedmean" in ((mode,) if isinstance(mode, str) else tuple(mode))
+
+
+def _check_weightedmean(pooling: nn.Module, features: MutableMapping[str, Any], record: InstallRecord) -> None:
+    """Report ``weightedmean`` under ``extend`` on a left-padded batch (one host read, this mode only).
+
+    ``Pooling`` counts the weights from the first attended position, the first virtual token, so
+    the pads between the virtual and the real tokens shift every real token's weight.
+    """
+    mask, ids = features.get("attention_mask"), features.get("input_ids")
+    if not isinstance(mask, Tensor) or not isinstance(ids, Tensor) or mask.dim() != 2:
+        return
+    m = mask.shape[1] - ids.shape[1]
+    if m <= 0 or (WEIGHTEDMEAN_LEFT_PADDING.name in record.reported and not record.strict):
+        return
+    if has_pads_before_tokens(mask.narrow(1, m, mask.shape[1] - m)):
+        case = f"{type(pooling).__name__}(weightedmean) under 'extend' on a left-padded batch counts the pads in its weights"
+        report(record, WEIGHTEDMEAN_LEFT_PADDING, case, stacklevel=4)
