@@ -82,16 +82,18 @@ ARCHS = [
     Row("roberta", lambda: _auto(transformers.RobertaConfig(**COMMON, max_position_embeddings=130))),
     Row("roberta-pad0", lambda: _auto(transformers.RobertaConfig(**COMMON, pad_token_id=0, max_position_embeddings=130))),
     Row("xlm-roberta", lambda: _auto(transformers.XLMRobertaConfig(**COMMON, max_position_embeddings=130))),
-    Row("mpnet", lambda: _auto(transformers.MPNetConfig(**COMMON))),
+    Row("mpnet", lambda: _auto(transformers.MPNetConfig(**COMMON)), limit=("left", "MPNet")),
     Row("distilbert", lambda: _auto(transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64))),
     Row("electra", lambda: _auto(transformers.ElectraConfig(**COMMON, embedding_size=32))),
     Row(
         "deberta-v2",
         lambda: _auto(
             transformers.DebertaV2Config(
-                **COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"], position_biased_input=False
+                **COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                initializer_range=0.5,  # relative embeddings strong enough that a shifted distance shows
             )
         ),
+        limit=("left", "DeBERTa-v2"),
     ),
     Row("modernbert", lambda: _auto(transformers.ModernBertConfig(**COMMON, pad_token_id=0))),
     Row(
