@@ -95,7 +95,12 @@ ARCHS = [
         ),
         limit=("left", "DeBERTa-v2"),
     ),
-    Row("modernbert", lambda: _auto(transformers.ModernBertConfig(**COMMON, pad_token_id=0))),
+    Row(
+        "modernbert",
+        lambda: _auto(
+            transformers.ModernBertConfig(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        ),
+    ),
     Row(
         "t5-encoder",
         lambda: transformers.T5EncoderModel(
@@ -116,7 +121,11 @@ ARCHS = [
     Row("gemma2", lambda: _auto(transformers.Gemma2Config(**DECODER, head_dim=8)), decoder=True),
     Row("gemma3", lambda: _gemma3(), decoder=True),
     Row("gemma3-bidirectional", lambda: _gemma3(use_bidirectional_attention=True)),  # EmbeddingGemma
-    Row("gpt2", lambda: _auto(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)), decoder=True),
+    Row(
+        "gpt2",
+        lambda: _auto(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+        decoder=True,
+    ),
     Row("bloom", lambda: _auto(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)), decoder=True),
     Row("bert-ptuning", lambda: _auto(transformers.BertConfig(**COMMON)), adapter="ptuning"),
     Row("roberta-ptuning", lambda: _auto(transformers.RobertaConfig(**COMMON, max_position_embeddings=130)), adapter="ptuning"),
