@@ -136,7 +136,9 @@ class PaddingLimitHook(MaskpatchHook):
         return None, ""
 
 
-def limit_hook_for(peft_model: Any, record: InstallRecord, scheme: PositionScheme | None = None) -> PaddingLimitHook | None:
+def limit_hook_for(
+    peft_model: Any, record: InstallRecord, scheme: PositionScheme | None = None
+) -> PaddingLimitHook | None:
     """Return the :class:`PaddingLimitHook` ``peft_model.base_model`` needs, or None (changes nothing).
 
     None when ``peft_model`` is not a PeftModel, when its base model already carries one, or when

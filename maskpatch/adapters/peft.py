@@ -50,8 +50,8 @@ from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record
 from ..hooks import InstallRecord, MaskpatchHook, accepts_position_ids, position_hook_for
-from ..limits import limit_hook_for
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
+from ..limits import limit_hook_for
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids, shift_span_positions
 from ..positions import position_scheme
 from .generic import installed_count, prepended_mask

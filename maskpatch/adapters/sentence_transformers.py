@@ -34,7 +34,14 @@ from ..hooks import (
     position_hook_for,
 )
 from ..layout import active_layout, is_peft_model
-from ..limits import PART_MODEL_POOLING, WEIGHTEDMEAN_LEFT_PADDING, ensure_limit_hook, has_pads_before_tokens, limit_hook_for, report
+from ..limits import (
+    PART_MODEL_POOLING,
+    WEIGHTEDMEAN_LEFT_PADDING,
+    ensure_limit_hook,
+    has_pads_before_tokens,
+    limit_hook_for,
+    report,
+)
 from .peft import ensure_disable_adapter_wrapper
 from .st_consumers import consumer_specs
 

@@ -46,7 +46,9 @@ def _encode_recording(model, texts, **kwargs) -> tuple[torch.Tensor, list[warnin
 @pytest.fixture(scope="module")
 def t5(tiny_model_dir):
     """side -> a tiny T5 encoder SentenceTransformer (mean pooling) with prompt tuning."""
-    return {side: add_prompt_learning(st_model(tiny_model_dir("t5"), padding_side=side), m=M) for side in ("left", "right")}
+    return {
+        side: add_prompt_learning(st_model(tiny_model_dir("t5"), padding_side=side), m=M) for side in ("left", "right")
+    }
 
 
 def test_left_padded_t5_warns_once_per_install_and_again_for_a_new_one(t5):

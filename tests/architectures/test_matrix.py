@@ -43,7 +43,13 @@ from maskpatch import POLICIES, MaskpatchWarning
 M = 4
 TOL = 1e-5
 VOCAB = 30522  # MiniLM's WordPiece tokenizer serves every row: the model sees only embeddings of its ids
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+}
 DECODER = dict(COMMON, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
 
 
@@ -80,16 +86,24 @@ def _gemma3(**extra: Any) -> Any:
 ARCHS = [
     Row("bert", lambda: _auto(transformers.BertConfig(**COMMON))),
     Row("roberta", lambda: _auto(transformers.RobertaConfig(**COMMON, max_position_embeddings=130))),
-    Row("roberta-pad0", lambda: _auto(transformers.RobertaConfig(**COMMON, pad_token_id=0, max_position_embeddings=130))),
+    Row(
+        "roberta-pad0", lambda: _auto(transformers.RobertaConfig(**COMMON, pad_token_id=0, max_position_embeddings=130))
+    ),
     Row("xlm-roberta", lambda: _auto(transformers.XLMRobertaConfig(**COMMON, max_position_embeddings=130))),
     Row("mpnet", lambda: _auto(transformers.MPNetConfig(**COMMON)), limit=("left", "MPNet")),
-    Row("distilbert", lambda: _auto(transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64))),
+    Row(
+        "distilbert",
+        lambda: _auto(transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64)),
+    ),
     Row("electra", lambda: _auto(transformers.ElectraConfig(**COMMON, embedding_size=32))),
     Row(
         "deberta-v2",
         lambda: _auto(
             transformers.DebertaV2Config(
-                **COMMON, relative_attention=True, pos_att_type=["p2c", "c2p"], position_biased_input=False,
+                **COMMON,
+                relative_attention=True,
+                pos_att_type=["p2c", "c2p"],
+                position_biased_input=False,
                 initializer_range=0.5,  # relative embeddings strong enough that a shifted distance shows
             )
         ),
@@ -98,13 +112,17 @@ ARCHS = [
     Row(
         "modernbert",
         lambda: _auto(
-            transformers.ModernBertConfig(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+            transformers.ModernBertConfig(
+                **COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2
+            )
         ),
     ),
     Row(
         "t5-encoder",
         lambda: transformers.T5EncoderModel(
-            transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0)
+            transformers.T5Config(
+                vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0
+            )
         ),
         limit=("left", "T5"),
     ),
@@ -123,12 +141,22 @@ ARCHS = [
     Row("gemma3-bidirectional", lambda: _gemma3(use_bidirectional_attention=True)),  # EmbeddingGemma
     Row(
         "gpt2",
-        lambda: _auto(transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+        lambda: _auto(
+            transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+        ),
         decoder=True,
     ),
-    Row("bloom", lambda: _auto(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)), decoder=True),
+    Row(
+        "bloom",
+        lambda: _auto(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)),
+        decoder=True,
+    ),
     Row("bert-ptuning", lambda: _auto(transformers.BertConfig(**COMMON)), adapter="ptuning"),
-    Row("roberta-ptuning", lambda: _auto(transformers.RobertaConfig(**COMMON, max_position_embeddings=130)), adapter="ptuning"),
+    Row(
+        "roberta-ptuning",
+        lambda: _auto(transformers.RobertaConfig(**COMMON, max_position_embeddings=130)),
+        adapter="ptuning",
+    ),
     Row("qwen2-ptuning", lambda: _auto(transformers.Qwen2Config(**DECODER)), decoder=True, adapter="ptuning"),
 ]
 ROWS = {row.id: row for row in ARCHS}
@@ -178,7 +206,13 @@ def _with_adapter(model: Any, kind: str) -> Any:
     from peft import PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
     # token_dim etc. given, since PEFT cannot read them off every config (DistilBERT's ``dim``).
-    sizes = dict(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=M, token_dim=32, num_layers=2, num_attention_heads=4)
+    sizes = {
+        "task_type": TaskType.FEATURE_EXTRACTION,
+        "num_virtual_tokens": M,
+        "token_dim": 32,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+    }
     config = PromptTuningConfig(**sizes) if kind == "prompt" else PromptEncoderConfig(**sizes, encoder_hidden_size=16)
     torch.manual_seed(0)
     peft_model = get_peft_model(model, config)

@@ -27,7 +27,13 @@ from maskpatch.drift import positions_from_mask
 from maskpatch.masks4d import shift_position_ids
 from maskpatch.positions import position_scheme
 
-COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+COMMON = {
+    "vocab_size": 100,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+}
 
 
 @pytest.mark.parametrize(
@@ -51,8 +57,12 @@ def test_first_position_is_the_models_own(config, first):
 
 def test_models_without_position_ids_and_their_limits_are_recognised():
     """T5 takes no position ids and has a left-padding limit; BLOOM takes none and has none (ALiBi follows the mask)."""
-    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4))
-    bloom = transformers.AutoModel.from_config(transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4))
+    t5 = transformers.T5EncoderModel(
+        transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    )
+    bloom = transformers.AutoModel.from_config(
+        transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)
+    )
     assert not position_scheme(t5).takes_position_ids
     assert "T5" in position_scheme(t5).left_padding_limit
     assert not position_scheme(bloom).takes_position_ids
