@@ -44,7 +44,8 @@ def apply(
     A combination maskpatch cannot make right (a *known limit*, :mod:`maskpatch.limits`: a
     left-padded T5, a padded batch past a sliding window, ...) warns with a
     :class:`MaskpatchWarning` once per install; with ``strict=True`` it raises
-    :class:`KnownLimitError` instead, every time it occurs.
+    :class:`KnownLimitError` instead, every time it occurs. A second ``apply`` that returns an
+    existing install keeps that install's ``strict``.
     """
     policy = _validate(model, policy, prepended_tokens)
     with _LOCK:

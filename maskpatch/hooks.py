@@ -96,7 +96,8 @@ class PositionIdsHook(MaskpatchHook):
     the extended mask instead, in the model's own numbering (:mod:`maskpatch.positions`): virtual
     tokens ``first..first+M-1``, real tokens from ``first+M``, pads skipped, where ``first`` is the
     position the model gives the first of an unpadded input (0 for most, ``padding_idx + 1`` for
-    RoBERTa-style embeddings), fixed at install. It only acts when the active adapter prepends positions and the caller gave no position ids.
+    RoBERTa-style embeddings), read once at install. It only acts when the active adapter
+    prepends positions and the caller gave no position ids.
     In a cached decoding step of ``generate`` (``q`` new tokens, a mask over the whole sequence
     and ``past_key_values``) it passes the last ``q`` of those position ids.
     """
