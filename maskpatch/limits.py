@@ -13,8 +13,12 @@ padded length past a sliding window), so they are checked there, by the hooks of
   sliding window. It costs nothing per forward on other models: it is not registered there. On
   the others it reads the mask on the host (one sync) only when the batch could run into the
   limit, and not at all once the limit was reported.
-* the sentence-transformers hooks, for ``Pooling``'s ``weightedmean`` under ``extend`` with left
-  padding and for a part-model install that cannot see ``Pooling(include_prompt=False)``.
+* the sentence-transformers output hook, for a part-model install (``apply(model[0])``) that
+  cannot see a ``Pooling(include_prompt=False)`` after it.
+
+What can be fixed is fixed instead: ``weightedmean`` pooling under ``extend`` with left padding
+gets its weights counted as for the text alone (see
+:class:`maskpatch.adapters.sentence_transformers.WeightedMeanOrderHook`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ __all__ = [
     "LIMITS",
     "PART_MODEL_POOLING",
     "SLIDING_WINDOW",
-    "WEIGHTEDMEAN_LEFT_PADDING",
     "Limit",
     "PaddingLimitHook",
     "ensure_limit_hook",
@@ -61,15 +64,11 @@ SLIDING_WINDOW = Limit(
     "sliding-window",
     "pad on the right, encode texts one at a time, or keep M + the padded length within the window",
 )
-WEIGHTEDMEAN_LEFT_PADDING = Limit(
-    "weightedmean-left-padding",
-    "pad on the right, or use policy 'ignore' or 'strip' (the virtual tokens are then not pooled)",
-)
 PART_MODEL_POOLING = Limit(
     "part-model-pooling",
     "patch the whole model (maskpatch.apply(model), not apply(model[0])) so that maskpatch reaches its Pooling",
 )
-LIMITS = (LEFT_PADDING, SLIDING_WINDOW, WEIGHTEDMEAN_LEFT_PADDING, PART_MODEL_POOLING)
+LIMITS = (LEFT_PADDING, SLIDING_WINDOW, PART_MODEL_POOLING)
 
 
 def report(record: InstallRecord, limit: Limit, case: str, *, stacklevel: int = 3) -> None:

@@ -9,7 +9,8 @@ token embeddings and the caller's mask together:
 * a forward pre-hook makes sure the PEFT base model gets position ids that skip padding
   (:class:`maskpatch.hooks.PositionIdsHook`), also for an adapter set after ``apply``;
 * under ``extend``, a pre-hook on ``Pooling(include_prompt=False)`` moves the prompt exclusion
-  past the virtual tokens, onto the instruction.
+  past the virtual tokens, onto the instruction, and on a ``weightedmean`` ``Pooling`` a pre-hook
+  and a forward hook move the virtual tokens past any left padding for the weights (and back).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from ..drift import check_excess
 from ..errors import DriftError
-from ..features import copy_features, exclude_leading_tokens, repair_features
+from ..features import copy_features, exclude_leading_tokens, repair_features, virtual_after_padding
 from ..handle import HookSpec
 from ..hooks import (
     LOCK,
@@ -34,18 +35,18 @@ from ..hooks import (
     position_hook_for,
 )
 from ..layout import active_layout, is_peft_model
-from ..limits import (
-    PART_MODEL_POOLING,
-    WEIGHTEDMEAN_LEFT_PADDING,
-    ensure_limit_hook,
-    has_pads_before_tokens,
-    limit_hook_for,
-    report,
-)
+from ..limits import PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
 from .peft import ensure_disable_adapter_wrapper
 from .st_consumers import consumer_specs
 
-__all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
+__all__ = [
+    "PoolingPromptHook",
+    "SentenceTransformersAdapter",
+    "TransformerOutputHook",
+    "TransformerPositionHook",
+    "WeightedMeanOrderHook",
+    "WeightedMeanRestoreHook",
+]
 
 
 def _classes() -> tuple[type[nn.Module], type[nn.Module]] | None:
@@ -82,6 +83,9 @@ class SentenceTransformersAdapter:
                 specs.extend(_position_specs(getattr(module, "model", None), record))
             elif isinstance(module, pooling_cls) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
+                if _weighted(module):  # after PoolingPromptHook: it orders the mask that hook made
+                    specs.append(HookSpec(module, WeightedMeanOrderHook(record)))
+                    specs.append(HookSpec(module, WeightedMeanRestoreHook(record)))
             # Consumers that read N-column keys besides the mask (MultiVectorMask): see st_consumers.
             specs.extend(consumer_specs(module, record))
         return specs
@@ -184,11 +188,7 @@ class PoolingPromptHook(MaskpatchHook):
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         features = args[0] if args else None
-        if not isinstance(features, MutableMapping):
-            return None
-        if _weighted(module):
-            _check_weightedmean(module, features, self.record)
-        if getattr(module, "include_prompt", True):
+        if getattr(module, "include_prompt", True) or not isinstance(features, MutableMapping):
             return None
         mask, ids, count = features.get("attention_mask"), features.get("input_ids"), features.get("prompt_length")
         if count is None or not isinstance(mask, Tensor) or not isinstance(ids, Tensor):
@@ -200,6 +200,9 @@ class PoolingPromptHook(MaskpatchHook):
         repaired = copy_features(features)
         del repaired["prompt_length"]
         repaired["attention_mask"] = torch.cat((mask.narrow(1, 0, m), real), dim=1)
+        if _weighted(module):
+            # WeightedMeanOrderHook must see where the padding is, not where the instruction was cut.
+            repaired[_PADDING_MASK] = mask
         return (repaired, *args[1:]), kwargs
 
 
@@ -208,18 +211,54 @@ def _weighted(pooling: nn.Module) -> bool:
     return "weightedmean" in ((mode,) if isinstance(mode, str) else tuple(mode))
 
 
-def _check_weightedmean(pooling: nn.Module, features: MutableMapping[str, Any], record: InstallRecord) -> None:
-    """Report ``weightedmean`` under ``extend`` on a left-padded batch (one host read, this mode only).
+# Private keys, only ever in maskpatch's own copies of a features dict, popped again by
+# WeightedMeanRestoreHook: the features WeightedMeanOrderHook reordered, and the padding mask
+# PoolingPromptHook had before it cut the instruction out.
+_ORIGINAL = "maskpatch_weightedmean_original"
+_PADDING_MASK = "maskpatch_padding_mask"
 
-    ``Pooling`` counts the weights from the first attended position, the first virtual token, so
-    the pads between the virtual and the real tokens shift every real token's weight.
+
+class WeightedMeanOrderHook(MaskpatchHook):
+    """Pre-hook on a ``weightedmean`` ``Pooling`` under ``extend``: the virtual tokens after the left padding.
+
+    ``Pooling`` weighs the attended positions by their column counted from the first attended one.
+    Under ``extend`` that is the first virtual token, so with left padding the pads between the
+    virtual and the real tokens would shift every real token's weight. This hook hands ``Pooling``
+    a copy of the features with the columns reordered (pads, virtual tokens, text): each position
+    then gets the weight it gets for the text alone. Every other mode is order independent or picks
+    the same position (``cls``: the first virtual token; ``lasttoken``: the last text token).
+    :class:`WeightedMeanRestoreHook` puts the caller's order back in ``Pooling``'s output.
     """
-    mask, ids = features.get("attention_mask"), features.get("input_ids")
-    if not isinstance(mask, Tensor) or not isinstance(ids, Tensor) or mask.dim() != 2:
-        return
-    m = mask.shape[1] - ids.shape[1]
-    if m <= 0 or (WEIGHTEDMEAN_LEFT_PADDING.name in record.reported and not record.strict):
-        return
-    if has_pads_before_tokens(mask.narrow(1, m, mask.shape[1] - m)):
-        case = f"{type(pooling).__name__}(weightedmean) under 'extend' on a left-padded batch counts the pads in its weights"
-        report(record, WEIGHTEDMEAN_LEFT_PADDING, case, stacklevel=4)
+
+    pre = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        features = args[0] if args else None
+        if not isinstance(features, MutableMapping):
+            return None
+        tokens, mask, ids = features.get("token_embeddings"), features.get("attention_mask"), features.get("input_ids")
+        if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor) and isinstance(ids, Tensor)):
+            return None
+        m = mask.shape[1] - ids.shape[1]
+        if m <= 0 or mask.dim() != 2 or tokens.dim() != 3 or tokens.shape[1] != mask.shape[1]:
+            return None
+        order = virtual_after_padding(features.get(_PADDING_MASK, mask), m)
+        reordered = copy_features(features)
+        reordered.pop(_PADDING_MASK, None)
+        reordered["token_embeddings"] = tokens.gather(1, order.unsqueeze(-1).expand_as(tokens))
+        reordered["attention_mask"] = mask.gather(1, order)
+        reordered[_ORIGINAL] = (tokens, mask)
+        return (reordered, *args[1:]), kwargs
+
+
+class WeightedMeanRestoreHook(MaskpatchHook):
+    """Forward hook on the same ``Pooling``: the features it returns carry the caller's column order again."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if not isinstance(output, MutableMapping):
+            return None
+        # The dict is maskpatch's own copy (Pooling returns what it was given), so it is changed in place.
+        if _ORIGINAL in output:
+            output["token_embeddings"], output["attention_mask"] = output.pop(_ORIGINAL)
+        output.pop(_PADDING_MASK, None)
+        return None

@@ -4,8 +4,6 @@ Invariants protected here (each case is also shown to be really off, so the warn
 
 * a left-padded T5 batch warns ``left-padding`` once per install, a new install warns again, and
   ``apply(..., strict=True)`` raises :class:`KnownLimitError` instead; right padding stays silent;
-* ``weightedmean`` pooling with left padding under ``extend`` warns ``weightedmean-left-padding``;
-  under ``ignore`` the same batch is silent (and correct);
 * ``apply(model[0])`` under ``extend`` with an instruction prompt warns ``part-model-pooling``
   (it cannot reach ``Pooling(include_prompt=False)``); patching the whole model is silent and
   gives a different, correct, embedding;
@@ -85,26 +83,6 @@ def test_strict_install_raises_known_limit_error_every_time(t5):
                 encode(model, TEXTS)
             assert isinstance(info.value, RuntimeError) and isinstance(info.value, maskpatch.MaskpatchError)
         encode(model, TEXTS[:1])  # no padding: nothing raised
-
-
-@pytest.fixture(scope="module")
-def qwen2_left(tiny_model_dir):
-    return add_prompt_learning(st_model(tiny_model_dir("qwen2"), padding_side="left"), m=M)[0]
-
-
-def test_weightedmean_left_padding_extend_warns_and_ignore_does_not(qwen2_left):
-    """weightedmean counts pads in its weights under extend with left padding: warned, and really off."""
-    model = with_head(qwen2_left, "weightedmean")
-    with maskpatch.patched(model, policy="extend"):
-        batch, caught = _encode_recording(model, TEXTS)
-        alone = encode(model, TEXTS[:1])
-    assert len(_limit_warnings(caught, "weightedmean-left-padding")) == 1
-    assert (alone[0] - batch[0]).abs().max() > TOL
-    with maskpatch.patched(model, policy="ignore"):
-        batch, caught = _encode_recording(model, TEXTS)
-        alone = encode(model, TEXTS[:1])
-    assert [w for w in caught if issubclass(w.category, MaskpatchWarning)] == []
-    assert (alone[0] - batch[0]).abs().max() <= TOL
 
 
 @pytest.fixture(scope="module")
