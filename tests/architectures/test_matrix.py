@@ -19,6 +19,12 @@ shift with left padding, masks that do not line up with the output, and a known 
 by without its :class:`~maskpatch.MaskpatchWarning`. Rows whose combination cannot be made right
 (``Row.limit``) assert the warning instead of the equality; nothing is skipped.
 
+Baselines, measured on the 285 cells when this module was written: maskpatch 0.1.0 fails 69 (all 45
+RoBERTa, RoBERTa pad 0, RoBERTa P-tuning, XLM-RoBERTa and MPNet cells, each of the three invariants
+under each policy, plus the 24 known-limit cells, which it did not warn about); unpatched
+(``maskpatch.patched`` replaced by a no-op) 188 fail: 23 single-text (every ``strip`` cell; under
+``extend``/``ignore`` the unpatched model is its own reference), 60 batch and 105 encode cells.
+
 A new architecture is one :class:`Row`.
 """
 
