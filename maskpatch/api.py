@@ -21,7 +21,12 @@ __all__ = ["apply", "is_patched", "patched", "remove"]
 
 
 def apply(
-    model: nn.Module, *, policy: Policy = "extend", check_versions: bool = True, prepended_tokens: int | None = None
+    model: nn.Module,
+    *,
+    policy: Policy = "extend",
+    check_versions: bool = True,
+    prepended_tokens: int | None = None,
+    strict: bool = False,
 ) -> PatchHandle:
     """Patch ``model`` so its token-level outputs and masks line up again; return the handle.
 
@@ -46,6 +51,12 @@ def apply(
     tree: a module shared by two models (one ``Transformer`` in two SentenceTransformers) carries
     one install, which ``remove`` takes off whole, from every model that shares it (see the
     getting-started guide).
+
+    A combination maskpatch cannot make right (a *known limit*, :mod:`maskpatch.limits`: a
+    left-padded T5, a padded batch past a sliding window, ...) warns with a
+    :class:`MaskpatchWarning` once per install; with ``strict=True`` it raises
+    :class:`KnownLimitError` instead, every time it occurs. A second ``apply`` that returns an
+    existing install keeps that install's ``strict``.
     """
     host = host_adapter(model)
     if host is not None:
@@ -55,7 +66,9 @@ def apply(
     with _LOCK:
         record = _joinable_record(model, policy, prepended_tokens)
         if record is None:
-            return _install(model, policy, pinned=True, check_versions=check_versions, prepended=prepended_tokens)
+            return _install(
+                model, policy, pinned=True, check_versions=check_versions, prepended=prepended_tokens, strict=strict
+            )
         warnings.warn(
             f"{type(model).__name__} is already patched by maskpatch (policy {record.policy!r}); "
             "returning the existing handle instead of patching twice",
@@ -68,14 +81,20 @@ def apply(
 
 @contextmanager
 def patched(
-    model: nn.Module, *, policy: Policy = "extend", check_versions: bool = True, prepended_tokens: int | None = None
+    model: nn.Module,
+    *,
+    policy: Policy = "extend",
+    check_versions: bool = True,
+    prepended_tokens: int | None = None,
+    strict: bool = False,
 ) -> Iterator[PatchHandle]:
     """Patch ``model`` for the body of a ``with`` block; undo on exit, also when the body raises.
 
     Blocks nest, on one thread or several: a block entered on a model that is already patched
     with the same policy joins that install, and the install is removed when the last block that
-    shares it exits (never when it was made by an explicit :func:`apply`). ``prepended_tokens`` is
-    as for :func:`apply`; ``model`` may be a host, as for :func:`apply`.
+    shares it exits (never when it was made by an explicit :func:`apply`). ``prepended_tokens`` and
+    ``strict`` are as for :func:`apply` (a block that joins an install keeps that install's ``strict``);
+    ``model`` may be a host, as for :func:`apply`.
     """
     host = host_adapter(model)
     if host is not None:
@@ -88,7 +107,9 @@ def patched(
     with _LOCK:
         record = _joinable_record(model, policy, prepended_tokens)
         if record is None:
-            handle = _install(model, policy, pinned=False, check_versions=check_versions, prepended=prepended_tokens)
+            handle = _install(
+                model, policy, pinned=False, check_versions=check_versions, prepended=prepended_tokens, strict=strict
+            )
         else:
             handle = PatchHandle(model, record)
         handle._record.contexts += 1
@@ -205,12 +226,18 @@ def _adapter_for(model: nn.Module, prepended: int | None) -> Adapter:
 
 
 def _install(
-    model: nn.Module, policy: Policy, *, pinned: bool, check_versions: bool, prepended: int | None = None
+    model: nn.Module,
+    policy: Policy,
+    *,
+    pinned: bool,
+    check_versions: bool,
+    prepended: int | None = None,
+    strict: bool = False,
 ) -> PatchHandle:
     adapter = _adapter_for(model, prepended)
     if check_versions:
         check_requirements(adapter)
-    record = InstallRecord(policy, adapter.name, pinned=pinned, root=model)
+    record = InstallRecord(policy, adapter.name, pinned=pinned, root=model, strict=strict)
     install(adapter.plan(model, record))
     return PatchHandle(model, record)
 

@@ -287,7 +287,7 @@ def _patch_created(model: nn.Module, config: AutoEnableConfig) -> None:
             if adapter.name == ST_ADAPTER:
                 _release_inner_installs(model)
             if not api.is_patched(model):
-                api.apply(model, policy=config.policy)
+                api.apply(model, policy=config.policy, strict=config.strict)
             if adapter.name == ST_ADAPTER:
                 _STATE.st_models.add(model)
     except MaskpatchError as exc:

@@ -10,10 +10,11 @@ batch of a short and a long text. It reports:
   whether the active adapter (name, PEFT type, ``num_virtual_tokens``) explains ``M``;
 * what happens today, unpatched: a crash, or how far the short text's output moves when it is
   padded in a batch;
-* for each policy: the same batch-invariance numbers (cosine and max abs diff) with maskpatch.
+* for each policy: the same batch-invariance numbers (cosine and max abs diff) with maskpatch,
+  and every known limit (:mod:`maskpatch.limits`) the probe ran into, with what to do.
 
 Exit status: 0 when the model is healthy (no drift) or repairable (every policy batch invariant),
-1 when the drift cannot be explained or a policy does not repair it, 2 when the model or adapter
+1 when the drift cannot be explained, a policy does not repair it or runs into a known limit, 2 when the model or adapter
 cannot be loaded (or for a usage error).
 """
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from .api import patched
 from .auditing import AuditReport, audit
 from .drift import POLICIES
-from .errors import DriftWarning
+from .errors import DriftWarning, MaskpatchWarning
 from .layout import active_layout
 
 __all__ = ["DoctorError", "Drift", "PolicyResult", "Report", "audit_saved", "diagnose", "format_audit", "main"]
@@ -84,6 +85,7 @@ class PolicyResult:
     max_abs_diff: float | None = None
     error: str | None = None
     does: str = ""
+    limits: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +136,12 @@ def verdict(drift: Drift, results: Sequence[PolicyResult]) -> tuple[bool, str]:
             f"{drift.num_virtual_tokens}; maskpatch will refuse this model (DriftError)"
         )
     failed = [r.policy for r in results if not r.batch_invariant]
+    limited = [r.policy for r in results if r.limits]
+    if limited:
+        return False, (
+            f"policies {', '.join(map(str, limited))} run into a known limit of maskpatch (see 'known limit' above "
+            "for the case and what to do)"
+        )
     if failed:
         return False, f"policies {', '.join(map(str, failed))} are not batch invariant; please report this model"
     if drift.status == "repairable":
@@ -171,9 +179,13 @@ def measure_drift(model: nn.Module, inputs: list[Any]) -> Drift:
 
 
 def _probe_policy(model: nn.Module, inputs: list[Any], policy: str) -> PolicyResult:
-    with patched(model, policy=policy):  # type: ignore[arg-type]
-        result = _invariance(model, inputs, policy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MaskpatchWarning)
+        with patched(model, policy=policy):  # type: ignore[arg-type]
+            result = _invariance(model, inputs, policy)
     result.does = WHAT_POLICIES_DO[policy]
+    # Known limits the probe ran into (maskpatch.limits): named in the report, with what to do.
+    result.limits = [str(w.message) for w in caught if issubclass(w.category, MaskpatchWarning)]
     return result
 
 
@@ -199,6 +211,7 @@ def _runner(model: nn.Module) -> Callable[[list[Any]], list[Tensor]]:
     def run(batch: list[Any]) -> list[Tensor]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.simplefilter("always", MaskpatchWarning)  # known limits: _probe_policy reports them
             if isinstance(model, CrossEncoder):
                 out = model.predict(batch, convert_to_tensor=True, activation_fn=nn.Identity(), batch_size=len(batch))
             elif isinstance(model, MultiVectorEncoder):
@@ -290,6 +303,7 @@ def format_report(report: Report) -> str:
     lines.append("  short text alone vs padded in a batch:")
     for result in [report.unpatched, *report.policies]:
         lines.append("    " + _format_result(result))
+        lines.extend(f"      known limit: {message}" for message in result.limits)
     lines.append(("ok: " if report.healthy else "problem: ") + report.verdict)
     return "\n".join(lines)
 

@@ -81,17 +81,23 @@ def strip_positions(output: Tensor, m: int, *, dim: int = 1) -> Tensor:
     return output.narrow(dim, m, output.shape[dim] - m)
 
 
-def positions_from_mask(mask: Tensor) -> Tensor:
-    """Return position ids that follow the attended tokens of ``mask`` (``ONES``: 1 attends).
+def positions_from_mask(mask: Tensor, first: int = 0) -> Tensor:
+    """Return position ids that follow the attended tokens of ``mask`` (``ONES``: 1 attends), from ``first``.
 
-    Attended tokens count up from 0 in order, so left padding does not shift them; padded
-    positions get 1, the convention of transformers' ``generate``::
+    Attended tokens count up from ``first`` in order, so left padding does not shift them; padded
+    positions get ``first + 1`` (any valid id would do: nothing attends to a pad), which for
+    ``first == 0`` is the convention of transformers' ``generate``. ``first`` is the model's own
+    first position (:func:`maskpatch.positions.position_scheme`)::
 
         mask  1 1 0 0 1 1 1      (2 virtual tokens, 2 pads, 3 real tokens)
-        ids   0 1 1 1 2 3 4
+        ids   0 1 1 1 2 3 4      first = 0 (BERT, GPT-2, rotary models)
+        ids   2 3 3 3 4 5 6      first = 2 (RoBERTa with padding_idx 1)
 
     The result is ``torch.long`` on ``mask``'s device.
     """
     attended = mask != 0
-    # cumsum of a bool tensor is int64 already; the in-place sub_ only touches our own temporary.
-    return torch.where(attended, attended.cumsum(-1).sub_(1), 1)
+    # cumsum of a bool tensor is int64 already; the in-place op only touches our own temporary.
+    ranks = attended.cumsum(-1)
+    if first != 1:
+        ranks = ranks.add_(first - 1)
+    return torch.where(attended, ranks, first + 1)

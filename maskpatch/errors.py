@@ -11,6 +11,7 @@ __all__ = [
     "AlreadyPatchedError",
     "DriftError",
     "DriftWarning",
+    "KnownLimitError",
     "MaskpatchError",
     "MaskpatchWarning",
     "PolicyError",
@@ -47,8 +48,20 @@ class DriftError(MaskpatchError, RuntimeError):
     """
 
 
+class KnownLimitError(MaskpatchError, RuntimeError):
+    """A combination maskpatch cannot make right (a known limit), raised instead of a warning under ``strict``.
+
+    The message names the case and what to do; without ``strict`` the same message is a
+    :class:`MaskpatchWarning`, once per install.
+    """
+
+
 class MaskpatchWarning(UserWarning):
-    """Warnings about misuse that maskpatch tolerates (e.g. a second ``apply``)."""
+    """Warnings about misuse that maskpatch tolerates (e.g. a second ``apply``), and known limits.
+
+    A known limit (:mod:`maskpatch.limits`) is a combination maskpatch cannot make right; its
+    warning names the case and what to do, once per install.
+    """
 
 
 class DriftWarning(MaskpatchWarning):

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .drift import Policy, prefix_mask, strip_positions
 
-__all__ = ["copy_features", "exclude_leading_tokens", "repair_features"]
+__all__ = ["copy_features", "exclude_leading_tokens", "repair_features", "virtual_after_padding"]
 
 
 Features = TypeVar("Features", bound=MutableMapping[str, Any])
@@ -63,3 +63,20 @@ def exclude_leading_tokens(mask: Tensor, count: Tensor | int) -> Tensor:
     if isinstance(count, Tensor):
         count = count.reshape(-1)[:1].to(mask.device).unsqueeze(1)
     return mask.masked_fill(positions < first + count, 0)
+
+
+def virtual_after_padding(mask: Tensor, m: int) -> Tensor:
+    """Return per row the column order that moves ``mask``'s ``m`` leading virtual entries past its left padding.
+
+    ``mask`` (``ONES``: 1 attends) is ``(B, m + N)``: ``m`` virtual-token entries, then the text's
+    ``N`` columns, left-padded or not. Gathering a row's columns in the returned order puts the
+    pads first, then the virtual tokens, then the text, so that a pooling that counts positions
+    from the first attended one (``weightedmean``) counts them as for the text alone. Right
+    padding and unpadded rows keep their order. The result is ``torch.long``, ``(B, m + N)``::
+
+        mask   1 1 | 0 0 1 1 1   (m = 2, 2 pads)   ->  order  2 3 0 1 4 5 6
+        mask   1 1 | 1 1 1 0 0   (right padding)   ->  order  0 1 2 3 4 5 6
+    """
+    pads = (mask.narrow(1, m, mask.shape[1] - m) != 0).int().argmax(dim=1, keepdim=True)
+    columns = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return torch.where(columns < pads, columns + m, torch.where(columns < pads + m, columns - pads, columns))

@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from .compat.generation import cache_name_in
 from .drift import Policy, positions_from_mask
 from .layout import active_layout, is_peft_model
+from .positions import position_scheme
 
 __all__ = [
     "LOCK",
@@ -46,15 +47,21 @@ class InstallRecord:
     ``pinned`` is true while an explicit :func:`maskpatch.apply` owns the install; ``contexts``
     counts the :func:`maskpatch.patched` blocks inside it. The install is removed when the last
     context exits, unless it is pinned. ``root`` is the module ``apply`` was called on, so that a
-    handle obtained through a part of it still removes the whole install.
+    handle obtained through a part of it still removes the whole install. ``strict`` turns a known
+    limit into an error instead of a warning; ``reported`` names the limits already warned about,
+    so each warns once per install (:mod:`maskpatch.limits`).
     """
 
-    def __init__(self, policy: Policy, adapter: str, *, pinned: bool, root: nn.Module | None = None) -> None:
+    def __init__(
+        self, policy: Policy, adapter: str, *, pinned: bool, root: nn.Module | None = None, strict: bool = False
+    ) -> None:
         self.policy: Policy = policy
         self.adapter = adapter
         self.pinned = pinned
         self.contexts = 0
         self.root = root
+        self.strict = strict
+        self.reported: set[str] = set()  # the known limits this install has warned about (maskpatch.limits)
         #: torch's removable handles of every hook this install registered, wherever it sits now
         #: (a PeftModel swapped out of ``root`` still carries its hook): removal goes through them.
         self.sites: list[RemovableHandle] = []
@@ -133,8 +140,11 @@ class PositionIdsHook(MaskpatchHook):
     PEFT drops ``position_ids`` for prompt tuning and P-tuning, so the base model numbers the
     ``M + N`` positions ``0..M+N-1`` and a left-padded text gets other positions (and, with
     RoPE, other results) than the same text alone. This hook passes position ids computed from
-    the extended mask instead: virtual tokens ``0..M-1``, real tokens from ``M``, pads skipped.
-    It only acts when the active adapter prepends positions and the caller gave no position ids.
+    the extended mask instead, in the model's own numbering (:mod:`maskpatch.positions`): virtual
+    tokens ``first..first+M-1``, real tokens from ``first+M``, pads skipped, where ``first`` is the
+    position the model gives the first of an unpadded input (0 for most, ``padding_idx + 1`` for
+    RoBERTa-style embeddings), read once at install. It only acts when the active adapter
+    prepends positions and the caller gave no position ids.
     In a cached decoding step of ``generate`` (``q`` new tokens, a mask over the whole sequence
     and a cache, as ``past_key_values`` or, since transformers 5.24, ``cache``) it passes the
     last ``q`` of those position ids.
@@ -142,9 +152,10 @@ class PositionIdsHook(MaskpatchHook):
 
     pre = True
 
-    def __init__(self, record: InstallRecord, peft_model: nn.Module) -> None:
+    def __init__(self, record: InstallRecord, peft_model: nn.Module, *, first: int = 0) -> None:
         super().__init__(record)
         self.peft_model = peft_model
+        self.first = first
 
     def attached(self) -> None:
         # PEFT's disable_adapter() crashes on patched encoders without the class-level wrapper.
@@ -166,7 +177,7 @@ class PositionIdsHook(MaskpatchHook):
             return None
         if not active_layout(self.peft_model).adds_positions:
             return None
-        positions = positions_from_mask(mask)
+        positions = positions_from_mask(mask, self.first)
         if new != mask.shape[1]:  # only a decoding step slices: a no-op slice still costs a dispatch
             positions = positions[:, mask.shape[1] - new :]
         return args, {**kwargs, "position_ids": positions}
@@ -207,7 +218,7 @@ def position_hook_for(peft_model: Any, record: InstallRecord) -> PositionIdsHook
     base = peft_model.base_model
     if has_position_hook(base) or not accepts_position_ids(base):
         return None
-    return PositionIdsHook(record, peft_model)
+    return PositionIdsHook(record, peft_model, first=position_scheme(base).first)
 
 
 def ensure_position_hook(peft_model: Any, record: InstallRecord) -> bool:

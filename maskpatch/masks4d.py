@@ -74,15 +74,16 @@ def _check_4d(mask: Tensor) -> None:
         raise PolicyError(f"expected a bool or floating-point (additive) 4-D mask, but got dtype {mask.dtype}")
 
 
-def shift_position_ids(position_ids: Tensor, m: int) -> Tensor:
-    """Return ``position_ids`` (``(..., N)``) with ``0..m-1`` in front and the caller's ids moved up by ``m``.
+def shift_position_ids(position_ids: Tensor, m: int, *, first: int = 0) -> Tensor:
+    """Return ``position_ids`` (``(..., N)``) with ``first..first+m-1`` in front and the caller's ids moved up by ``m``.
 
-    Virtual tokens take positions ``0..m-1``; each real token keeps its distance to the others::
+    Virtual tokens take the model's first ``m`` positions (``first`` is 0 for most models,
+    ``padding_idx + 1`` for RoBERTa-style ones); each real token keeps its distance to the others::
 
         caller   0 1 2 0 1 2      (two packed sequences)
         m = 2    0 1 | 2 3 4 2 3 4
     """
-    virtual = torch.arange(m, dtype=position_ids.dtype, device=position_ids.device)
+    virtual = torch.arange(first, first + m, dtype=position_ids.dtype, device=position_ids.device)
     virtual = virtual.expand(*position_ids.shape[:-1], m)
     return torch.cat((virtual, position_ids + m), dim=-1)
 

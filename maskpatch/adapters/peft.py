@@ -61,7 +61,9 @@ from ..handle import HookSpec, find_record
 from ..hooks import LOCK, InstallRecord, MaskpatchHook, accepts_position_ids, position_hook_for
 from ..inputs import require_module, require_tensor
 from ..layout import NO_LAYOUT, VirtualLayout, active_layout, is_peft_model
+from ..limits import limit_hook_for
 from ..masks4d import extend_4d_mask, prefix_labels, shift_position_ids
+from ..positions import position_scheme
 from .generic import installed_count, prepended_mask
 from ..compat.generation import generation_cache_name
 from .peft_generation import (
@@ -130,11 +132,14 @@ class PeftAdapter:
         specs = [
             HookSpec(model, PeftCallHook(record)),
             HookSpec(model, PeftOutputHook(record)),
-            HookSpec(base, PeftBaseHook(record)),  # before PositionIdsHook: explicit positions win
+            HookSpec(base, PeftBaseHook(record, first=position_scheme(base).first)),  # before PositionIdsHook
         ]
         positions = position_hook_for(model, record)
         if positions is not None:
             specs.append(HookSpec(base, positions))
+        limits = limit_hook_for(model, record)  # reports what no position ids can repair (left-padded T5, ...)
+        if limits is not None:
+            specs.append(HookSpec(base, limits))
         specs.extend(HookSpec(encoder, TaskIdsHook(record)) for encoder in _task_encoders(model))
         if generates_with_peft(model):
             generation_cache_name()  # refuses, at apply, a transformers that names the cache neither way
@@ -192,9 +197,17 @@ class PeftCallHook(MaskpatchHook):
 
 
 class PeftBaseHook(MaskpatchHook):
-    """Pre-hook on ``peft_model.base_model``: give back what :class:`PeftCallHook` took out of PEFT's way."""
+    """Pre-hook on ``peft_model.base_model``: give back what :class:`PeftCallHook` took out of PEFT's way.
+
+    ``first`` is the base model's own first position (:mod:`maskpatch.positions`): the caller's
+    position ids are in the model's numbering, and the virtual tokens take its first ``M``.
+    """
 
     pre = True
+
+    def __init__(self, record: InstallRecord, *, first: int = 0) -> None:
+        super().__init__(record)
+        self.first = first
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if CALL_KEY not in kwargs:
@@ -204,7 +217,7 @@ class PeftBaseHook(MaskpatchHook):
         if call.mask4d is not None:
             new["attention_mask"] = extend_4d_mask(call.mask4d, call.m)
         if call.position_ids is not None and accepts_position_ids(module):  # T5 takes none; PEFT dropped them too
-            new["position_ids"] = shift_position_ids(call.position_ids, call.m)
+            new["position_ids"] = shift_position_ids(call.position_ids, call.m, first=self.first)
         if call.token_type_ids is not None:
             new["token_type_ids"] = prefix_labels(call.token_type_ids, call.m, ignore_index=0)
         if call.cached_encoder:

@@ -9,7 +9,8 @@ token embeddings and the caller's mask together:
 * a forward pre-hook makes sure the PEFT base model gets position ids that skip padding
   (:class:`maskpatch.hooks.PositionIdsHook`), also for an adapter set after ``apply``;
 * under ``extend``, a pre-hook on ``Pooling(include_prompt=False)`` moves the prompt exclusion
-  past the virtual tokens, onto the instruction.
+  past the virtual tokens, onto the instruction, and on a ``weightedmean`` ``Pooling`` a pre-hook
+  and a forward hook move the virtual tokens past any left padding for the weights (and back).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from ..drift import check_excess
 from ..errors import DriftError
-from ..features import copy_features, exclude_leading_tokens, repair_features
+from ..features import copy_features, exclude_leading_tokens, repair_features, virtual_after_padding
 from ..handle import HookSpec
 from ..hooks import (
     LOCK,
@@ -36,9 +37,17 @@ from ..hooks import (
 from ..layout import active_layout, is_peft_model
 from ..compat.generation import generation_cache_name
 from .peft_generation import generates_with_peft
+from ..limits import PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
 from .st_consumers import consumer_specs
 
-__all__ = ["PoolingPromptHook", "SentenceTransformersAdapter", "TransformerOutputHook", "TransformerPositionHook"]
+__all__ = [
+    "PoolingPromptHook",
+    "SentenceTransformersAdapter",
+    "TransformerOutputHook",
+    "TransformerPositionHook",
+    "WeightedMeanOrderHook",
+    "WeightedMeanRestoreHook",
+]
 
 
 def _classes() -> tuple[type[nn.Module], type[nn.Module]] | None:
@@ -66,13 +75,18 @@ class SentenceTransformersAdapter:
     def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
         transformer_cls, pooling_cls = _classes()  # type: ignore[misc]  # matches() ran first
         specs: list[HookSpec] = []
+        # An install on a part of the model (apply(model[0])) cannot reach the Pooling that follows.
+        sees_pooling = any(isinstance(module, pooling_cls) for module in model.modules())
         for module in model.modules():
             if isinstance(module, transformer_cls):
                 specs.append(HookSpec(module, TransformerPositionHook(record)))
-                specs.append(HookSpec(module, TransformerOutputHook(record)))
+                specs.append(HookSpec(module, TransformerOutputHook(record, sees_pooling=sees_pooling)))
                 specs.extend(_position_specs(getattr(module, "model", None), record))
             elif isinstance(module, pooling_cls) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
+                if _weighted(module):  # after PoolingPromptHook: it orders the mask that hook made
+                    specs.append(HookSpec(module, WeightedMeanOrderHook(record)))
+                    specs.append(HookSpec(module, WeightedMeanRestoreHook(record)))
             # Consumers that read N-column keys besides the mask (MultiVectorMask): see st_consumers.
             specs.extend(consumer_specs(module, record))
         return specs
@@ -82,11 +96,12 @@ def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
     """The position hook for a PEFT model already inside the Transformer (later ones: lazily)."""
     if not is_peft_model(inner):
         return []
-    # The hook holds the disable_adapter() and generation wrappers once it is registered (PositionIdsHook.attached).
+    # The hooks hold the disable_adapter() and generation wrappers once registered (PositionIdsHook.attached).
     if generates_with_peft(inner):
         generation_cache_name()  # refuses, at apply, a transformers that names the cache neither way
-    hook = position_hook_for(inner, record)
-    return [] if hook is None else [HookSpec(inner.base_model, hook)]  # type: ignore[attr-defined]
+    base = inner.base_model  # type: ignore[attr-defined]
+    hooks = (position_hook_for(inner, record), limit_hook_for(inner, record))
+    return [HookSpec(base, hook) for hook in hooks if hook is not None]
 
 
 class TransformerPositionHook(MaskpatchHook):
@@ -102,10 +117,21 @@ class TransformerPositionHook(MaskpatchHook):
             # A remove() on another thread may have run since this forward began: the record
             # registers nothing once its install is removed, so nothing of it is left behind.
             ensure_position_hook(inner, self.record)
+            ensure_limit_hook(inner, self.record)
 
 
 class TransformerOutputHook(MaskpatchHook):
-    """Forward hook on ``Transformer``: repair the features dict for the modules downstream."""
+    """Forward hook on ``Transformer``: repair the features dict for the modules downstream.
+
+    ``sees_pooling`` is false for an install on a part of the model (``apply(model[0])``): under
+    ``extend`` it then reports the known limit ``part-model-pooling`` when the features carry a
+    ``prompt_length``, since a ``Pooling(include_prompt=False)`` it cannot reach would exclude the
+    virtual tokens instead of the instruction.
+    """
+
+    def __init__(self, record: InstallRecord, *, sees_pooling: bool = True) -> None:
+        super().__init__(record)
+        self.sees_pooling = sees_pooling
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not isinstance(output, MutableMapping):
@@ -128,6 +154,15 @@ class TransformerOutputHook(MaskpatchHook):
             f"attention_mask has {mask.shape[1]}"
         )
         m = check_excess(observed, layout.num_virtual_tokens, where=where, adapter=layout.adapter)
+        if not self.sees_pooling and self.record.policy == "extend" and output.get("prompt_length") is not None:
+            report(
+                self.record,
+                PART_MODEL_POOLING,
+                f"{type(module).__name__} was patched on its own under 'extend' and its features carry a "
+                "prompt_length; a Pooling(include_prompt=False) after it would exclude the virtual tokens "
+                "instead of the instruction",
+                stacklevel=2,
+            )
         return repair_features(output, key, m, self.record.policy)
 
 
@@ -166,4 +201,65 @@ class PoolingPromptHook(MaskpatchHook):
         repaired = copy_features(features)
         del repaired["prompt_length"]
         repaired["attention_mask"] = torch.cat((mask.narrow(1, 0, m), real), dim=1)
+        if _weighted(module):
+            # WeightedMeanOrderHook must see where the padding is, not where the instruction was cut.
+            repaired[_PADDING_MASK] = mask
         return (repaired, *args[1:]), kwargs
+
+
+def _weighted(pooling: nn.Module) -> bool:
+    mode = getattr(pooling, "pooling_mode", ())
+    return "weightedmean" in ((mode,) if isinstance(mode, str) else tuple(mode))
+
+
+# Private keys, only ever in maskpatch's own copies of a features dict, popped again by
+# WeightedMeanRestoreHook: the features WeightedMeanOrderHook reordered, and the padding mask
+# PoolingPromptHook had before it cut the instruction out.
+_ORIGINAL = "maskpatch_weightedmean_original"
+_PADDING_MASK = "maskpatch_padding_mask"
+
+
+class WeightedMeanOrderHook(MaskpatchHook):
+    """Pre-hook on a ``weightedmean`` ``Pooling`` under ``extend``: the virtual tokens after the left padding.
+
+    ``Pooling`` weighs the attended positions by their column counted from the first attended one.
+    Under ``extend`` that is the first virtual token, so with left padding the pads between the
+    virtual and the real tokens would shift every real token's weight. This hook hands ``Pooling``
+    a copy of the features with the columns reordered (pads, virtual tokens, text): each position
+    then gets the weight it gets for the text alone. Every other mode is order independent or picks
+    the same position (``cls``: the first virtual token; ``lasttoken``: the last text token).
+    :class:`WeightedMeanRestoreHook` puts the caller's order back in ``Pooling``'s output.
+    """
+
+    pre = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        features = args[0] if args else None
+        if not isinstance(features, MutableMapping):
+            return None
+        tokens, mask, ids = features.get("token_embeddings"), features.get("attention_mask"), features.get("input_ids")
+        if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor) and isinstance(ids, Tensor)):
+            return None
+        m = mask.shape[1] - ids.shape[1]
+        if m <= 0 or mask.dim() != 2 or tokens.dim() != 3 or tokens.shape[1] != mask.shape[1]:
+            return None
+        order = virtual_after_padding(features.get(_PADDING_MASK, mask), m)
+        reordered = copy_features(features)
+        reordered.pop(_PADDING_MASK, None)
+        reordered["token_embeddings"] = tokens.gather(1, order.unsqueeze(-1).expand_as(tokens))
+        reordered["attention_mask"] = mask.gather(1, order)
+        reordered[_ORIGINAL] = (tokens, mask)
+        return (reordered, *args[1:]), kwargs
+
+
+class WeightedMeanRestoreHook(MaskpatchHook):
+    """Forward hook on the same ``Pooling``: the features it returns carry the caller's column order again."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if not isinstance(output, MutableMapping):
+            return None
+        # The dict is maskpatch's own copy (Pooling returns what it was given), so it is changed in place.
+        if _ORIGINAL in output:
+            output["token_embeddings"], output["attention_mask"] = output.pop(_ORIGINAL)
+        output.pop(_PADDING_MASK, None)
+        return None
