@@ -533,13 +533,15 @@ def test_regular_wheel_installs_the_pth_and_pip_removes_it(tmp_path):
     subprocess.run([base, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
     python = str(tmp_path / "venv" / "bin" / "python")
     pip = [sys.executable, "-m", "pip", "--python", python]
-    subprocess.run([*pip, "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=240)
+    # Without PYTHONPATH: a checkout on it (with the egg-info the build leaves) would pass for installed.
+    pip_env = clean_env()
+    subprocess.run([*pip, "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=240, env=pip_env)
     purelib = Path(
         run_python(
             "import sysconfig; print(sysconfig.get_paths()['purelib'])", env=clean_env(), python=python
         ).stdout.strip()
     )
-    assert (purelib / "maskpatch_auto.pth").read_text() == (ROOT / "build_support" / "maskpatch_auto.pth").read_text()
+    assert (purelib / "maskpatch_auto.pth").read_text() == (ROOT / "maskpatch_auto.pth").read_text()
     # wrapt (the one thing the bootstrap imports) comes from this environment; no .pth of it is read
     (purelib / "00_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # read before maskpatch_auto.pth
     probe = START_PROBE + "print(sys.modules['_maskpatch_bootstrap'].__file__)\n"
@@ -547,6 +549,6 @@ def test_regular_wheel_installs_the_pth_and_pip_removes_it(tmp_path):
     assert started.returncode == 0 and started.stderr == "", started.stderr
     assert json.loads(started.stdout.splitlines()[0])["patching"] is True
     assert Path(started.stdout.splitlines()[1]).parent == purelib
-    subprocess.run([*pip, "uninstall", "-y", "-q", "maskpatch"], check=True, capture_output=True, timeout=240)
+    subprocess.run([*pip, "uninstall", "-y", "-q", "maskpatch"], check=True, capture_output=True, timeout=240, env=pip_env)
     assert not (purelib / "maskpatch_auto.pth").exists()
     assert not (purelib / "_maskpatch_bootstrap.py").exists()
