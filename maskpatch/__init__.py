@@ -16,11 +16,14 @@ from .api import apply, is_patched, patched, remove
 from .conventions import MaskConvention
 from .drift import POLICIES, Policy
 from .errors import (
+    AdapterExistsError,
     AlreadyPatchedError,
     DriftError,
+    InvalidAdapterError,
     MaskpatchError,
     MaskpatchWarning,
     PolicyError,
+    UnknownAdapterError,
     UnsupportedModelError,
     UnsupportedVersionError,
 )
@@ -33,14 +36,17 @@ __version__ = "0.1.0"
 __all__ = [
     "POLICIES",
     "Adapter",
+    "AdapterExistsError",
     "AlreadyPatchedError",
     "DriftError",
+    "InvalidAdapterError",
     "MaskConvention",
     "MaskpatchError",
     "MaskpatchWarning",
     "PatchHandle",
     "Policy",
     "PolicyError",
+    "UnknownAdapterError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
     "VirtualLayout",

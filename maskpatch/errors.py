@@ -8,11 +8,14 @@ caller would already catch for that kind of failure (``ValueError`` for bad argu
 from __future__ import annotations
 
 __all__ = [
+    "AdapterExistsError",
     "AlreadyPatchedError",
     "DriftError",
+    "InvalidAdapterError",
     "MaskpatchError",
     "MaskpatchWarning",
     "PolicyError",
+    "UnknownAdapterError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
 ]
@@ -44,6 +47,22 @@ class DriftError(MaskpatchError, RuntimeError):
     maskpatch repairs an excess of exactly the active adapter's ``num_virtual_tokens``; any other
     non-zero excess is reported with this error instead of being repaired silently.
     """
+
+
+class InvalidAdapterError(MaskpatchError, TypeError):
+    """An object given as an adapter lacks what :class:`maskpatch.plugin.Adapter` requires."""
+
+
+class AdapterExistsError(MaskpatchError, ValueError):
+    """An adapter of the same name is registered already (``register_adapter(..., replace=True)`` replaces it)."""
+
+
+class UnknownAdapterError(MaskpatchError, KeyError):
+    """No adapter of that name is registered."""
+
+    def __str__(self) -> str:
+        # KeyError would quote the message as the repr of a key; it is a sentence here.
+        return str(self.args[0]) if self.args else ""
 
 
 class MaskpatchWarning(UserWarning):
