@@ -76,7 +76,7 @@ class _State:
         self.config: AutoEnableConfig | None = None
         self.hooks_registered = False
         # (class, original __init__, wrapper) for each class whose __init__ is wrapped.
-        self.wrapped: list[tuple[type, Any, wrapt.FunctionWrapper]] = []
+        self.wrapped: list[tuple[type, Any, wrapt.FunctionWrapper[..., Any]]] = []
         # Sentence-transformers models auto-enable patched (weakly held: only to find, when a
         # PeftModel is created, whether its base model already sits inside one).
         self.st_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -163,7 +163,7 @@ def instrument_module(module: ModuleType) -> None:
         return
     try:
         classes = list(_constructors(module.__name__))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported by _problem: raised under strict, warned otherwise
         _problem(config, f"cannot find the model classes of {module.__name__} ({type(exc).__name__}: {exc})", exc)
         return
     with _STATE.lock:

@@ -108,4 +108,3 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
     except PermissionError:
         print(f"maskpatch run: permission denied: {command[0]}", file=sys.stderr)
         return 126
-    return 0  # not reached on POSIX: execvpe does not return

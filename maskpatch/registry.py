@@ -55,12 +55,21 @@ class Adapter(Protocol):
     undo of its own to write. See ``docs/writing-an-adapter.md``.
     """
 
-    #: The registry key, e.g. ``"sentence-transformers"``; also what ``MASKPATCH_DISABLED_ADAPTERS`` names.
-    name: str
-    #: distribution name -> PEP 440 specifier; each must be installed and in range.
-    requires: Mapping[str, str]
-    #: distribution name -> specifier, checked only when that distribution is installed.
-    optional: Mapping[str, str]
+    # Read-only properties, so that a plain class attribute (a str, a dict) satisfies them.
+    @property
+    def name(self) -> str:
+        """The registry key, e.g. ``"sentence-transformers"``; also what ``MASKPATCH_DISABLED_ADAPTERS`` names."""
+        ...
+
+    @property
+    def requires(self) -> Mapping[str, str]:
+        """Distribution name -> PEP 440 specifier; each must be installed and in range."""
+        ...
+
+    @property
+    def optional(self) -> Mapping[str, str]:
+        """Distribution name -> specifier, checked only when that distribution is installed."""
+        ...
 
     def matches(self, model: object) -> bool:
         """Return whether this adapter handles ``model``.
@@ -123,7 +132,9 @@ def _check_adapter(adapter: object) -> None:
             )
     for method in ("matches", "plan"):
         if not callable(getattr(adapter, method)):
-            raise InvalidAdapterError(f"expected {name!r}.{method} to be callable, but got {getattr(adapter, method)!r}")
+            raise InvalidAdapterError(
+                f"expected {name!r}.{method} to be callable, but got {getattr(adapter, method)!r}"
+            )
 
 
 def unregister_adapter(name: str) -> Adapter:
@@ -161,7 +172,7 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP) -> int:
                 if getattr(adapter, "name", None) in _ADAPTERS:
                     continue
             register_adapter(adapter)
-        except Exception as exc:  # a plugin's bug must not break maskpatch for every model
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not break maskpatch for every model
             warnings.warn(
                 f"skipping the maskpatch adapter entry point {entry_point.name!r} ({entry_point.value}): {exc}",
                 MaskpatchWarning,
@@ -214,4 +225,3 @@ def _check(adapter: str, dist: str, spec: str, *, required: bool) -> None:
             f"the {adapter!r} adapter supports {dist}{spec}, but found {dist}=={found}; "
             "pass check_versions=False to maskpatch.apply to try it anyway"
         )
-

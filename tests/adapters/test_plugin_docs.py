@@ -19,7 +19,8 @@ import torch
 import maskpatch
 import maskpatch.plugin
 from maskpatch.plugin import ForwardHook, InstallRecord
-from tests.helpers import state
+
+from helpers import state
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "writing-an-adapter.md"
 
@@ -90,5 +91,5 @@ def test_example_hook_refuses_an_unexplained_excess(example):
     module = namespace["model"][0]
     hook = namespace["MemoryOutputHook"](InstallRecord("strip", "memory-encoder", pinned=False))
     output = {"token_embeddings": torch.zeros(1, 4, 16), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
-    with pytest.raises(maskpatch.DriftError, match="expected token_embeddings 3 positions longer .* found 2"):
+    with pytest.raises(maskpatch.DriftError, match=r"expected token_embeddings 3 positions longer .* found 2"):
         hook(module, (), {}, output)

@@ -86,7 +86,7 @@ print(json.dumps({
 
 def test_constants_agree_with_the_library():
     """The policies MASKPATCH_POLICY accepts are the library's; the registry knows the adapters the docs name."""
-    import maskpatch  # noqa: PLC0415
+    import maskpatch
 
     assert tuple(maskpatch.POLICIES) == constants.POLICY_VALUES
     assert {"sentence-transformers", "peft"} <= {a.name for a in maskpatch.registered_adapters()}
@@ -280,12 +280,13 @@ def test_auto_enable_patches_every_model_created(tiny_model_dir):
 
 def test_enable_and_disable_from_code_restore_the_constructors_exactly(tiny_model_dir):
     """autoenable.enable() patches new models in this process; disable() puts back the very same __init__ objects."""
-    from helpers import st_model  # noqa: PLC0415
-    from peft import PeftModel, PeftModelForFeatureExtraction  # noqa: PLC0415
-    from sentence_transformers.base.model import BaseModel  # noqa: PLC0415
+    from peft import PeftModel, PeftModelForFeatureExtraction
+    from sentence_transformers.base.model import BaseModel
 
-    import maskpatch  # noqa: PLC0415
-    from maskpatch import autoenable  # noqa: PLC0415
+    import maskpatch
+    from maskpatch import autoenable
+
+    from helpers import st_model
 
     classes = (BaseModel, PeftModel, PeftModelForFeatureExtraction)
     before = [cls.__dict__["__init__"] for cls in classes]
@@ -412,7 +413,7 @@ def venv_without_pth(tmp_path_factory) -> Path:
         text=True,
         check=True,
     ).stdout.strip()
-    import maskpatch  # noqa: PLC0415 - where this environment's maskpatch (editable or not) lives
+    import maskpatch
 
     package_parent = Path(maskpatch.__file__).resolve().parents[1]
     ours = sysconfig.get_paths()["purelib"]
@@ -535,7 +536,9 @@ def test_regular_wheel_installs_the_pth_and_pip_removes_it(tmp_path):
     pip = [sys.executable, "-m", "pip", "--python", python]
     # Without PYTHONPATH: a checkout on it (with the egg-info the build leaves) would pass for installed.
     pip_env = clean_env()
-    subprocess.run([*pip, "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=240, env=pip_env)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=240, env=pip_env
+    )
     purelib = Path(
         run_python(
             "import sysconfig; print(sysconfig.get_paths()['purelib'])", env=clean_env(), python=python
@@ -549,6 +552,8 @@ def test_regular_wheel_installs_the_pth_and_pip_removes_it(tmp_path):
     assert started.returncode == 0 and started.stderr == "", started.stderr
     assert json.loads(started.stdout.splitlines()[0])["patching"] is True
     assert Path(started.stdout.splitlines()[1]).parent == purelib
-    subprocess.run([*pip, "uninstall", "-y", "-q", "maskpatch"], check=True, capture_output=True, timeout=240, env=pip_env)
+    subprocess.run(
+        [*pip, "uninstall", "-y", "-q", "maskpatch"], check=True, capture_output=True, timeout=240, env=pip_env
+    )
     assert not (purelib / "maskpatch_auto.pth").exists()
     assert not (purelib / "_maskpatch_bootstrap.py").exists()

@@ -76,7 +76,7 @@ def test_wheel_ships_the_apache_license(wheel):
 
 def test_wheel_metadata_matches_the_project(wheel):
     """Name, version, Python range, requirements and extras are those pyproject.toml declares."""
-    import maskpatch  # noqa: PLC0415
+    import maskpatch
 
     metadata = HeaderParser().parsestr(wheel.read(f"{DIST_INFO}/METADATA").decode())
     assert metadata["Name"] == "maskpatch"

@@ -20,7 +20,8 @@ import maskpatch.hooks
 import maskpatch.registry
 from maskpatch import plugin
 from maskpatch.plugin import ForwardHook, ForwardPreHook, HookSpec, InstallRecord, MaskpatchHook
-from tests.helpers import state
+
+from helpers import state
 
 
 def test_every_exported_name_exists_and_is_the_object_maskpatch_uses():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import pickle
 import re
@@ -61,10 +62,8 @@ def scratch_names():
     names: list[str] = []
     yield names
     for name in names:
-        try:
+        with contextlib.suppress(UnknownAdapterError):
             unregister_adapter(name)
-        except KeyError:
-            pass
 
 
 # --- the registry as data -------------------------------------------------------------------
@@ -258,7 +257,7 @@ def test_check_requirements_optional_library_is_checked_only_when_installed(monk
     _fake_versions(monkeypatch, {"liby": "missing"})
     check_requirements(FakeAdapter(optional={"liby": ">=1"}))
     _fake_versions(monkeypatch, {"liby": "0.5"})
-    with pytest.raises(UnsupportedVersionError, match="liby==0.5"):
+    with pytest.raises(UnsupportedVersionError, match=r"liby==0\.5"):
         check_requirements(FakeAdapter(optional={"liby": ">=1"}))
 
 
