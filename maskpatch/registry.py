@@ -93,6 +93,27 @@ _ADAPTERS: dict[str, Adapter] = {}
 _LOCK = threading.Lock()
 _entry_points_loaded = False
 _ENTRY_POINTS_LOCK = threading.Lock()
+_builtins_registered = False
+_BUILTINS_LOCK = threading.Lock()
+
+
+def _ensure_builtins() -> None:
+    """Register maskpatch's own adapters ahead of any other, once, the first time the registry is used.
+
+    Not at import: ``import maskpatch`` stays free of torch (the built-in adapters import it).
+    """
+    global _builtins_registered
+    if _builtins_registered:
+        return
+    with _BUILTINS_LOCK:
+        if not _builtins_registered:  # another thread may have registered them meanwhile
+            from .adapters import builtin_adapters  # deferred: the adapters import this module
+
+            adapters = builtin_adapters()
+            with _LOCK:
+                for adapter in adapters:
+                    _ADAPTERS.setdefault(adapter.name, adapter)
+            _builtins_registered = True
 
 
 def register_adapter(adapter: Adapter, *, replace: bool = False) -> None:
@@ -104,6 +125,7 @@ def register_adapter(adapter: Adapter, *, replace: bool = False) -> None:
     ``replace=True`` puts ``adapter`` in the place of the one it replaces.
     """
     _check_adapter(adapter)
+    _ensure_builtins()
     with _LOCK:
         if adapter.name in _ADAPTERS and not replace:
             raise AdapterExistsError(
@@ -142,6 +164,7 @@ def unregister_adapter(name: str) -> Adapter:
 
     Raises :class:`UnknownAdapterError` (a ``KeyError``) when no adapter has that name.
     """
+    _ensure_builtins()
     with _LOCK:
         adapter = _ADAPTERS.pop(name, None)
         known = ", ".join(_ADAPTERS) or "none"
@@ -152,6 +175,7 @@ def unregister_adapter(name: str) -> Adapter:
 
 def registered_adapters() -> tuple[Adapter, ...]:
     """Return the registered adapters, in the order ``find_adapter`` tries them."""
+    _ensure_builtins()
     _load_entry_points_once()
     with _LOCK:
         return tuple(_ADAPTERS.values())

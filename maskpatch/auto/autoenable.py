@@ -1,7 +1,7 @@
 """Process-wide auto-enable: patch every model sentence-transformers and peft create.
 
 ``MASKPATCH_AUTO=1`` in the environment turns this on at interpreter start (see
-:mod:`maskpatch.constants` and ``docs/auto-enable.md``); :func:`enable` turns it on from code.
+:mod:`maskpatch.auto.constants` and ``docs/auto-enable.md``); :func:`enable` turns it on from code.
 Either way nothing is imported eagerly: post-import hooks (``wrapt.register_post_import_hook``)
 wait for ``sentence_transformers`` and ``peft``, and then wrap, at class level with wrapt, the
 ``__init__`` of
@@ -43,13 +43,13 @@ from typing import Any
 import wrapt
 from torch import nn
 
-from . import api
+from .. import api
+from ..drift import Policy, validate_policy
+from ..errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
+from ..handle import iter_hooks, remove_hooks
+from ..layout import is_peft_model
+from ..registry import find_adapter, registered_adapters
 from .constants import INSTRUMENTED_MODULES, parse_adapter_list
-from .drift import Policy, validate_policy
-from .errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
-from .handle import iter_hooks, remove_hooks
-from .layout import is_peft_model
-from .registry import find_adapter, registered_adapters
 
 __all__ = ["AutoEnableConfig", "current_config", "disable", "enable", "instrument_module", "is_enabled"]
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,6 +99,8 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
     sys.stderr.flush()
     try:
         if os.name != "posix":
+            import subprocess  # only here: it costs an import on every `maskpatch run`
+
             return subprocess.call(command, env=env)
         os.execvpe(command[0], command, env)
     except FileNotFoundError:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .drift import POLICIES, Policy
+from ..drift import POLICIES, Policy
 
 __all__ = ["POOLING_MODES", "main"]
 
@@ -166,7 +166,7 @@ def _today(transformer: Any) -> list[Row]:
 
 
 def _repaired(transformer: Any, mode: str, policy: Policy, references: dict[str, dict[str, Any]]) -> Row:
-    from . import patched
+    from .. import patched
 
     model = _st_model(transformer, mode)
     with patched(model, policy=policy):

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
-from .api import patched
-from .drift import POLICIES
-from .layout import active_layout
+from ..api import patched
+from ..drift import POLICIES
+from ..layout import active_layout
 
 if TYPE_CHECKING:
     from sentence_transformers.base.model import BaseModel

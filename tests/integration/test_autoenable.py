@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from maskpatch import constants
+from maskpatch.auto import constants
 from maskpatch.handle import iter_hooks
 
 pytestmark = pytest.mark.slow
@@ -73,11 +73,11 @@ def last_json(stdout: str) -> dict:
 
 START_PROBE = """
 import json, sys
-boot = sys.modules.get("_maskpatch_bootstrap")
+boot = sys.modules.get("maskpatch.auto.bootstrap")
 settings = getattr(boot, "_settings", None)
 print(json.dumps({
     "modules": sorted(m for m in sys.modules if m.split(".")[0] in
-                      ("torch", "maskpatch", "_maskpatch_bootstrap", "wrapt", "sentence_transformers", "peft",
+                      ("torch", "maskpatch", "wrapt", "sentence_transformers", "peft",
                        "transformers")),
     "patching": bool(settings is not None and settings.patching),
 }))
@@ -98,7 +98,7 @@ def test_pth_is_installed_next_to_the_packages_with_one_import_line():
     lines = [line for line in pth.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert len(lines) == 1 and lines[0].startswith("import ")
     assert f'"{constants.MASKPATCH_AUTO}" in os.environ' in lines[0]
-    assert "_maskpatch_bootstrap" in lines[0]
+    assert "maskpatch.auto.bootstrap" in lines[0]
 
 
 def test_unset_variable_imports_nothing_at_start():
@@ -110,12 +110,13 @@ def test_unset_variable_imports_nothing_at_start():
 
 
 def test_set_variable_imports_only_the_bootstrap_at_start():
-    """MASKPATCH_AUTO=1 imports the bootstrap alone: wrapt, torch, maskpatch and the libraries wait for their import."""
+    """MASKPATCH_AUTO=1 imports the stdlib-only start-up modules alone (the lazy package, maskpatch.auto, its
+    bootstrap and constants): wrapt, torch, maskpatch's core and the libraries wait for their import."""
     result = run_python(START_PROBE, env=clean_env(MASKPATCH_AUTO="1"))
     assert result.returncode == 0, result.stderr
     found = last_json(result.stdout)
     assert found["patching"] is True
-    assert {m.split(".")[0] for m in found["modules"]} == {"_maskpatch_bootstrap"}
+    assert found["modules"] == ["maskpatch", "maskpatch.auto", "maskpatch.auto.bootstrap", "maskpatch.auto.constants"]
     assert result.stderr == ""
 
 
@@ -284,7 +285,7 @@ def test_enable_and_disable_from_code_restore_the_constructors_exactly(tiny_mode
     from sentence_transformers.base.model import BaseModel
 
     import maskpatch
-    from maskpatch import autoenable
+    from maskpatch.auto import autoenable
 
     from helpers import st_model
 
@@ -341,7 +342,7 @@ def test_unknown_disabled_adapter_warns_once_and_patches_nothing(stand_in_peft):
     env = clean_env(
         MASKPATCH_AUTO="1", MASKPATCH_DISABLED_ADAPTERS="sentence-transformers,nope", PYTHONPATH=stand_in_peft
     )
-    code = "import peft\nfrom maskpatch import autoenable\nprint(autoenable.is_enabled())"
+    code = "import peft\nfrom maskpatch.auto import autoenable\nprint(autoenable.is_enabled())"
     result = run_python(code, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "False"
@@ -467,7 +468,7 @@ def test_launcher_works_without_the_pth_with_policy_and_disabled_adapters(venv_w
 def test_launcher_options_set_the_variables():
     """--policy, --strict and --disable-adapters reach the command's environment and its auto-enable."""
     code = (
-        START_PROBE + "s = sys.modules['_maskpatch_bootstrap']._settings\n"
+        START_PROBE + "s = sys.modules['maskpatch.auto.bootstrap']._settings\n"
         "print(json.dumps([s.policy, s.strict, sorted(s.disabled_adapters)]))\n"
     )
     result = subprocess.run(
@@ -547,13 +548,13 @@ def test_regular_wheel_installs_the_pth_and_pip_removes_it(tmp_path):
     assert (purelib / "maskpatch_auto.pth").read_text() == (ROOT / "maskpatch_auto.pth").read_text()
     # wrapt (the one thing the bootstrap imports) comes from this environment; no .pth of it is read
     (purelib / "00_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # read before maskpatch_auto.pth
-    probe = START_PROBE + "print(sys.modules['_maskpatch_bootstrap'].__file__)\n"
+    probe = START_PROBE + "print(sys.modules['maskpatch.auto.bootstrap'].__file__)\n"
     started = run_python(probe, env=clean_env(MASKPATCH_AUTO="1"), python=python)
     assert started.returncode == 0 and started.stderr == "", started.stderr
     assert json.loads(started.stdout.splitlines()[0])["patching"] is True
-    assert Path(started.stdout.splitlines()[1]).parent == purelib
+    assert Path(started.stdout.splitlines()[1]) == purelib / "maskpatch" / "auto" / "bootstrap.py"
     subprocess.run(
         [*pip, "uninstall", "-y", "-q", "maskpatch"], check=True, capture_output=True, timeout=240, env=pip_env
     )
     assert not (purelib / "maskpatch_auto.pth").exists()
-    assert not (purelib / "_maskpatch_bootstrap.py").exists()
+    assert not (purelib / "maskpatch").exists()

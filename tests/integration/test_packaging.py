@@ -11,6 +11,7 @@ installed in this environment.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,12 +31,18 @@ DIST_INFO = "maskpatch-0.1.0.dist-info"
 
 
 def _build(kind: str, out: Path) -> Path:
-    """Build a ``wheel`` (pip) or an ``sdist`` (setuptools' PEP 517 hook) of this checkout into ``out``."""
+    """Build a ``wheel`` (pip) or an ``sdist`` (setuptools' PEP 517 hook) of this checkout into ``out``.
+
+    From a copy of the checkout: setuptools writes ``build/`` and ``*.egg-info`` into the tree it builds.
+    """
+    source = out / "source"
+    skip = (".git", ".venv", "build", "dist", "site", "*.egg-info", "__pycache__", ".*_cache")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip))
     if kind == "wheel":
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), "."]
     else:
         command = [sys.executable, "-c", f"import setuptools.build_meta as b; b.build_sdist({str(out)!r})"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=source, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (built,) = out.glob("maskpatch-*.whl" if kind == "wheel" else "maskpatch-*.tar.gz")
     return built
@@ -61,7 +68,7 @@ def test_pth_sits_at_the_wheel_root_and_in_record(wheel):
     assert wheel.read("maskpatch_auto.pth") == (ROOT / "maskpatch_auto.pth").read_bytes()
     record = wheel.read(f"{DIST_INFO}/RECORD").decode().splitlines()
     assert any(line.startswith("maskpatch_auto.pth,sha256=") for line in record)
-    assert "_maskpatch_bootstrap.py" in names  # what the .pth line imports
+    assert "maskpatch/auto/bootstrap.py" in names  # what the .pth line imports
 
 
 def test_wheel_ships_the_apache_license(wheel):
@@ -98,4 +105,4 @@ def test_sdist_carries_what_the_wheel_needs(tmp_path):
     """The sdist holds the .pth and the license, so a wheel built from it is complete too."""
     with tarfile.open(_build("sdist", tmp_path)) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    assert {"maskpatch_auto.pth", "LICENSE", "_maskpatch_bootstrap.py", "pyproject.toml"} <= names
+    assert {"maskpatch_auto.pth", "LICENSE", "maskpatch/auto/bootstrap.py", "pyproject.toml"} <= names
