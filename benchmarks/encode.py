@@ -354,10 +354,7 @@ def print_hook_alone(rows: list[dict[str, Any]]) -> None:
     print("\n## 2. The hook alone (hook objects called directly; CPU microseconds per forward, batch 32 short)\n")
     table(
         ["M", "variant", "us / forward", "per hook"],
-        [
-            [str(r["m"]), r["variant"], f"{r['us']:.1f}", _parts(r["parts"])]
-            for r in rows
-        ],
+        [[str(r["m"]), r["variant"], f"{r['us']:.1f}", _parts(r["parts"])] for r in rows],
     )
     worst = max(r["us"] for r in rows if r["variant"].startswith("maskpatch"))
     print(f"\ntarget: hook alone < 20 us per forward on CPU: worst {worst:.1f} us -> {verdict(worst < 20)}")
@@ -608,10 +605,10 @@ def print_compile(explained: list[dict[str, Any]], compiled: list[dict[str, Any]
 def table(head: list[str], rows: list[list[str]]) -> None:
     """Print a Markdown table with aligned columns."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
 
 
 def verdict(ok: bool) -> str:
@@ -694,8 +691,15 @@ def main(argv: list[str] | None = None) -> int:
         print_compile(explained, compiled)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
-        data = {"machine": machine(), "throughput": cases, "hook_alone": hooks, "memory": memory,
-                "startup": startup, "explain": explained, "compile": compiled}
+        data = {
+            "machine": machine(),
+            "throughput": cases,
+            "hook_alone": hooks,
+            "memory": memory,
+            "startup": startup,
+            "explain": explained,
+            "compile": compiled,
+        }
         args.json.write_text(json.dumps(data, indent=2, default=str))
     return 0
 

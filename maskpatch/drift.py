@@ -35,7 +35,7 @@ def validate_policy(policy: object) -> Policy:
     """Return ``policy`` if it is one of :data:`POLICIES`; raise :class:`PolicyError` otherwise."""
     if policy not in POLICIES:
         raise PolicyError(f"expected a policy out of {', '.join(map(repr, POLICIES))}, but got {policy!r}")
-    return policy  # type: ignore[return-value]
+    return policy
 
 
 def check_excess(observed: int, expected: int, *, where: str, adapter: str | None) -> int:
@@ -56,9 +56,7 @@ def check_excess(observed: int, expected: int, *, where: str, adapter: str | Non
     raise DriftError(f"{where}: {cause}, but found {observed}; maskpatch does not repair an excess it cannot explain")
 
 
-def prefix_mask(
-    mask: Tensor, m: int, *, attend: bool, convention: MaskConvention = MaskConvention.ONES
-) -> Tensor:
+def prefix_mask(mask: Tensor, m: int, *, attend: bool, convention: MaskConvention = MaskConvention.ONES) -> Tensor:
     """Return ``mask`` (``ONES`` by default: 1 attends) with ``m`` leading columns prepended.
 
     The new columns attend when ``attend`` is true (policy ``extend``) and do not attend otherwise

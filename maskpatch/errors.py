@@ -8,13 +8,16 @@ caller would already catch for that kind of failure (``ValueError`` for bad argu
 from __future__ import annotations
 
 __all__ = [
+    "AdapterExistsError",
     "AlreadyPatchedError",
     "DriftError",
     "DriftWarning",
     "KnownLimitError",
+    "InvalidAdapterError",
     "MaskpatchError",
     "MaskpatchWarning",
     "PolicyError",
+    "UnknownAdapterError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
 ]
@@ -54,6 +57,22 @@ class KnownLimitError(MaskpatchError, RuntimeError):
     The message names the case and what to do; without ``strict`` the same message is a
     :class:`MaskpatchWarning`, once per install.
     """
+
+
+class InvalidAdapterError(MaskpatchError, TypeError):
+    """An object given as an adapter lacks what :class:`maskpatch.plugin.Adapter` requires."""
+
+
+class AdapterExistsError(MaskpatchError, ValueError):
+    """An adapter of the same name is registered already (``register_adapter(..., replace=True)`` replaces it)."""
+
+
+class UnknownAdapterError(MaskpatchError, KeyError):
+    """No adapter of that name is registered."""
+
+    def __str__(self) -> str:
+        # KeyError would quote the message as the repr of a key; it is a sentence here.
+        return str(self.args[0]) if self.args else ""
 
 
 class MaskpatchWarning(UserWarning):

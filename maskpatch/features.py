@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import MutableMapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -23,9 +23,9 @@ Features = TypeVar("Features", bound=MutableMapping[str, Any])
 
 def copy_features(features: Features) -> Features:
     """Return a shallow copy of ``features`` of the same type (``dict`` or ``BatchEncoding``)."""
-    if type(features) is dict:
+    if isinstance(features, dict) and type(features) is dict:
         # dict.copy is what copy.copy calls for a dict, but torch.compile traces only this spelling.
-        return features.copy()  # type: ignore[return-value]
+        return cast(Features, features.copy())
     return copy.copy(features)
 
 

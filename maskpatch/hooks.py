@@ -13,7 +13,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -132,6 +132,10 @@ class MaskpatchHook:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.record!r})"
+
+    if TYPE_CHECKING:
+        # torch calls every hook; each subclass (maskpatch.plugin's bases) declares its own signature.
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class PositionIdsHook(MaskpatchHook):

@@ -19,7 +19,14 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 from torch import nn
 
-from .errors import MaskpatchError, MaskpatchWarning, UnsupportedModelError, UnsupportedVersionError
+from .errors import (
+    AdapterExistsError,
+    InvalidAdapterError,
+    MaskpatchWarning,
+    UnknownAdapterError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
 from .handle import HookSpec
 from .hooks import InstallRecord
 
@@ -39,47 +46,136 @@ ENTRY_POINT_GROUP = "maskpatch.adapters"
 
 @runtime_checkable
 class Adapter(Protocol):
-    """What a model-family adapter provides (see the module docstring)."""
+    """What a model-family adapter provides: a name, its tested versions, ``matches`` and ``plan``.
 
-    name: str
-    #: distribution name -> PEP 440 specifier; each must be installed and in range.
-    requires: Mapping[str, str]
-    #: distribution name -> specifier, checked only when that distribution is installed.
-    optional: Mapping[str, str]
+    ``maskpatch.apply(model)`` asks the registered adapters in order whether they ``matches`` the
+    model, checks the first one's ``requires`` and ``optional`` (unless ``check_versions=False``),
+    calls its ``plan`` with a fresh :class:`~maskpatch.plugin.InstallRecord` and registers every
+    hook of the plan, all or none. ``handle.remove()`` takes them off again; the adapter has no
+    undo of its own to write. See ``docs/writing-an-adapter.md``.
+    """
+
+    # Read-only properties, so that a plain class attribute (a str, a dict) satisfies them.
+    @property
+    def name(self) -> str:
+        """The registry key, e.g. ``"sentence-transformers"``; also what ``MASKPATCH_DISABLED_ADAPTERS`` names."""
+        ...
+
+    @property
+    def requires(self) -> Mapping[str, str]:
+        """Distribution name -> PEP 440 specifier; each must be installed and in range."""
+        ...
+
+    @property
+    def optional(self) -> Mapping[str, str]:
+        """Distribution name -> specifier, checked only when that distribution is installed."""
+        ...
 
     def matches(self, model: object) -> bool:
-        """Return whether this adapter handles ``model``; must not import anything."""
+        """Return whether this adapter handles ``model``.
+
+        Must not import anything (look for a library in ``sys.modules``) and must not change ``model``.
+        """
         ...
 
     def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
-        """Return the hooks to register on ``model``; must not change it. Raises on bad input."""
+        """Return the hooks to register on ``model``'s modules, each holding ``record``.
+
+        Must not change ``model`` (nor its classes): maskpatch registers the hooks, and may call
+        ``plan`` only to compare with an existing install. Raises a :class:`MaskpatchError`
+        subclass when ``model`` is not what the adapter expects, before anything is installed.
+        """
         ...
 
 
+_PROTOCOL_MEMBERS = ("name", "requires", "optional", "matches", "plan")
 _ADAPTERS: dict[str, Adapter] = {}
 _LOCK = threading.Lock()
 _entry_points_loaded = False
 _ENTRY_POINTS_LOCK = threading.Lock()
+_builtins_registered = False
+_BUILTINS_LOCK = threading.Lock()
+
+
+def _ensure_builtins() -> None:
+    """Register maskpatch's own adapters ahead of any other, once, the first time the registry is used.
+
+    Not at import: ``import maskpatch`` stays free of torch (the built-in adapters import it).
+    """
+    global _builtins_registered
+    if _builtins_registered:
+        return
+    with _BUILTINS_LOCK:
+        if not _builtins_registered:  # another thread may have registered them meanwhile
+            from .adapters import builtin_adapters  # deferred: the adapters import this module
+
+            adapters = builtin_adapters()
+            with _LOCK:
+                for adapter in adapters:
+                    _ADAPTERS.setdefault(adapter.name, adapter)
+            _builtins_registered = True
 
 
 def register_adapter(adapter: Adapter, *, replace: bool = False) -> None:
-    """Add ``adapter`` to the registry; a second one of the same name needs ``replace=True``."""
-    if not isinstance(adapter, Adapter):
-        raise TypeError(f"expected an object with name, requires, optional, matches and plan, but got {adapter!r}")
+    """Add ``adapter`` to the registry, after the adapters registered before it.
+
+    Raises :class:`InvalidAdapterError` (a ``TypeError``) when ``adapter`` does not provide what
+    :class:`Adapter` requires, and :class:`AdapterExistsError` (a ``ValueError``) when an adapter of
+    the same name is registered and ``replace`` is false; the registry is unchanged then.
+    ``replace=True`` puts ``adapter`` in the place of the one it replaces.
+    """
+    _check_adapter(adapter)
+    _ensure_builtins()
     with _LOCK:
         if adapter.name in _ADAPTERS and not replace:
-            raise MaskpatchError(f"an adapter named {adapter.name!r} is already registered; pass replace=True")
+            raise AdapterExistsError(
+                f"an adapter named {adapter.name!r} is already registered ({_ADAPTERS[adapter.name]!r}); "
+                "pass replace=True to replace it"
+            )
         _ADAPTERS[adapter.name] = adapter
 
 
+def _check_adapter(adapter: object) -> None:
+    """Raise :class:`InvalidAdapterError` unless ``adapter`` has what :class:`Adapter` requires."""
+    if not isinstance(adapter, Adapter):
+        missing = [name for name in _PROTOCOL_MEMBERS if not hasattr(adapter, name)]
+        raise InvalidAdapterError(
+            f"expected an adapter with name, requires, optional, matches and plan, but got {adapter!r} "
+            f"(missing: {', '.join(missing)})"
+        )
+    name = adapter.name
+    if not isinstance(name, str) or not name:
+        raise InvalidAdapterError(f"expected an adapter name that is a non-empty str, but got {name!r}")
+    for field in ("requires", "optional"):
+        value = getattr(adapter, field)
+        if not isinstance(value, Mapping):
+            raise InvalidAdapterError(
+                f"expected {name!r}.{field} to be a mapping of distribution name to specifier, but got {value!r}"
+            )
+    for method in ("matches", "plan"):
+        if not callable(getattr(adapter, method)):
+            raise InvalidAdapterError(
+                f"expected {name!r}.{method} to be callable, but got {getattr(adapter, method)!r}"
+            )
+
+
 def unregister_adapter(name: str) -> Adapter:
-    """Remove and return the adapter called ``name``; KeyError if there is none."""
+    """Remove and return the adapter called ``name``.
+
+    Raises :class:`UnknownAdapterError` (a ``KeyError``) when no adapter has that name.
+    """
+    _ensure_builtins()
     with _LOCK:
-        return _ADAPTERS.pop(name)
+        adapter = _ADAPTERS.pop(name, None)
+        known = ", ".join(_ADAPTERS) or "none"
+    if adapter is None:
+        raise UnknownAdapterError(f"no adapter named {name!r} is registered; registered adapters: {known}")
+    return adapter
 
 
 def registered_adapters() -> tuple[Adapter, ...]:
     """Return the registered adapters, in the order ``find_adapter`` tries them."""
+    _ensure_builtins()
     _load_entry_points_once()
     with _LOCK:
         return tuple(_ADAPTERS.values())
@@ -100,7 +196,7 @@ def load_entry_points(group: str = ENTRY_POINT_GROUP) -> int:
                 if getattr(adapter, "name", None) in _ADAPTERS:
                     continue
             register_adapter(adapter)
-        except Exception as exc:  # a plugin's bug must not break maskpatch for every model
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug must not break maskpatch for every model
             warnings.warn(
                 f"skipping the maskpatch adapter entry point {entry_point.name!r} ({entry_point.value}): {exc}",
                 MaskpatchWarning,
@@ -153,4 +249,3 @@ def _check(adapter: str, dist: str, spec: str, *, required: bool) -> None:
             f"the {adapter!r} adapter supports {dist}{spec}, but found {dist}=={found}; "
             "pass check_versions=False to maskpatch.apply to try it anyway"
         )
-

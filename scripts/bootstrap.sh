@@ -18,3 +18,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -c constraints/ci.txt -e ".[test,docs]"
   echo "$want" > "$stamp"
 fi
+# An editable install (pip install -e) holds only setuptools' finder, never a file at the root of
+# site-packages: put the auto-enable .pth there as a regular wheel does (tests/integration rely on it).
+# pip does not record it, so `pip uninstall maskpatch` leaves it behind (see docs/auto-enable.md).
+purelib=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cmp -s maskpatch_auto.pth "$purelib/maskpatch_auto.pth" || cp maskpatch_auto.pth "$purelib/maskpatch_auto.pth"

@@ -1,4 +1,4 @@
-"""The built-in model-family adapters, registered when :mod:`maskpatch` is imported.
+"""The built-in model-family adapters, registered ahead of any other the first time the registry is used.
 
 Importing this package imports none of the libraries the adapters serve: each adapter looks for
 its library in ``sys.modules`` when asked whether it matches a model.
@@ -6,7 +6,7 @@ its library in ``sys.modules`` when asked whether it matches a model.
 
 from __future__ import annotations
 
-from ..registry import register_adapter
+from ..registry import Adapter, register_adapter
 from .peft import PeftAdapter
 from .pipelines import PipelineAdapter
 from .sentence_transformers import SentenceTransformersAdapter
@@ -19,14 +19,23 @@ __all__ = [
     "SentenceTransformersAdapter",
     "TrainerAdapter",
     "XTransformersAdapter",
+    "builtin_adapters",
     "register_builtin_adapters",
 ]
 
 
+def builtin_adapters() -> list[Adapter]:
+    """Return new instances of maskpatch's own adapters, in the order the registry tries them."""
+    # sentence-transformers first: a PeftModel inside a SentenceTransformer is left to it. Hosts
+    # (a pipeline, a Trainer) are objects that call a PeftModel, not modules.
+    return [SentenceTransformersAdapter(), PeftAdapter(), XTransformersAdapter(), PipelineAdapter(), TrainerAdapter()]
+
+
 def register_builtin_adapters() -> None:
-    """Register maskpatch's own adapters (idempotent)."""
-    register_adapter(SentenceTransformersAdapter(), replace=True)
-    register_adapter(PeftAdapter(), replace=True)  # after sentence-transformers: a PeftModel called directly
-    register_adapter(XTransformersAdapter(), replace=True)
-    register_adapter(PipelineAdapter(), replace=True)  # hosts: objects that call a PeftModel (not modules)
-    register_adapter(TrainerAdapter(), replace=True)
+    """Register (again) maskpatch's own adapters, replacing any of the same name (idempotent).
+
+    The registry does this by itself the first time it is used; call it to put back a built-in
+    adapter that was unregistered.
+    """
+    for adapter in builtin_adapters():
+        register_adapter(adapter, replace=True)

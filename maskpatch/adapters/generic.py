@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -158,13 +158,15 @@ def _check_mapping(output: Mapping[str, Any], n: int, count: int, *, where: str)
 
 def _strip_mapping(output: Mapping[str, Any], count: int) -> Mapping[str, Any]:
     """Return a shallow copy of ``output`` with ``count`` leading positions cut from every token-level entry."""
-    repaired: MutableMapping[str, Any] = copy.copy(output)  # type: ignore[assignment]  # dict or ModelOutput
+    repaired = cast("MutableMapping[str, Any]", copy.copy(output))  # a dict or a ModelOutput
     for key in SEQUENCE_KEYS + ATTENTION_KEYS:
         value = output.get(key)
         if value is None:
             continue
         if key in ATTENTION_KEYS:
-            repaired[key] = type(value)(strip_positions(strip_positions(a, count, dim=-1), count, dim=-2) for a in value)
+            repaired[key] = type(value)(
+                strip_positions(strip_positions(a, count, dim=-1), count, dim=-2) for a in value
+            )
         elif isinstance(value, Tensor):
             repaired[key] = strip_positions(value, count)
         else:

@@ -44,10 +44,10 @@ import inspect
 import sys
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -466,7 +466,7 @@ def _cached_encoder(module: nn.Module, layout: VirtualLayout, kwargs: dict[str, 
     states = kwargs["encoder_outputs"][0]
     mask = kwargs.get("attention_mask")
     if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
-        weight = module.word_embeddings.weight  # PEFT needs a batch size; the encoder will not run
+        weight = cast(nn.Embedding, module.word_embeddings).weight  # PEFT needs a batch size; the encoder will not run
         kwargs["inputs_embeds"] = weight.new_zeros(states.shape[0], 0, weight.shape[1])
     fields: dict[str, Any] = {"cached_encoder": True}
     if isinstance(mask, Tensor):
@@ -500,7 +500,8 @@ def repair_output(output: Any, call: PeftCall, policy: Policy, *, kind: str, whe
                 f"{where}: expected a ModelOutput to cut, but the model returned {type(output).__qualname__}"
             )
         return output
-    repaired = copy.copy(output) if policy == "strip" else None  # same type: dict or ModelOutput
+    # The same type: a dict or a ModelOutput.
+    repaired: MutableMapping[str, Any] | None = copy.copy(output) if policy == "strip" else None  # type: ignore[assignment]
     for name, dims in _FIELDS.get(kind, _ENCODER_FIELDS):
         value = output.get(name)
         if value is None:

@@ -110,7 +110,7 @@ class TransformerPositionHook(MaskpatchHook):
     pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        inner = getattr(module, "model", None)
+        inner: Any = getattr(module, "model", None)
         if self.record.removed or not is_peft_model(inner) or has_position_hook(inner.base_model):
             return  # the usual case: nothing to register, and no lock taken
         with LOCK:

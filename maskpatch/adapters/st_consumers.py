@@ -77,12 +77,12 @@ class ScoringMaskInputHook(MaskpatchHook):
     pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        features = args[0] if args else None
+        features: Any = args[0] if args else None
         m = _virtual_count(features)
         if m == 0:
             return None
-        mask = features["attention_mask"]  # type: ignore[index]
-        real = copy_features(features)  # type: ignore[arg-type]
+        mask = features["attention_mask"]
+        real = copy_features(features)
         real["attention_mask"] = mask.narrow(1, m, mask.shape[1] - m)
         return (real, *args[1:]), kwargs
 

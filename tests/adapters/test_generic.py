@@ -92,8 +92,12 @@ def test_strip_cuts_every_token_level_output(output):
     assert torch.equal(hidden(after), hidden(before)[:, M:])
     assert hidden(after).shape == (2, IDS.shape[1], D)
     if output != "tensor":
-        assert all(torch.equal(a, b[:, M:]) for a, b in zip(after["hidden_states"], before["hidden_states"], strict=True))
-        assert all(torch.equal(a, b[..., M:, M:]) for a, b in zip(after["attentions"], before["attentions"], strict=True))
+        assert all(
+            torch.equal(a, b[:, M:]) for a, b in zip(after["hidden_states"], before["hidden_states"], strict=True)
+        )
+        assert all(
+            torch.equal(a, b[..., M:, M:]) for a, b in zip(after["attentions"], before["attentions"], strict=True)
+        )
         assert hidden(before).shape[1] == M + IDS.shape[1]  # the module's own output was not cut in place
 
 

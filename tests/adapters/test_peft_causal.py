@@ -46,8 +46,14 @@ def causal_lm(kind: str = "prompt", m: int = M):
 
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
     )
     base = transformers.Qwen2ForCausalLM(config).eval()
     task = TaskType.CAUSAL_LM
@@ -140,7 +146,11 @@ def _generate(model, **kwargs: Any):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(
-            **kwargs, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            **kwargs,
+            max_new_tokens=5,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
             pad_token_id=0,
         )
 
@@ -283,8 +293,14 @@ def test_feature_extraction_on_a_decoder_with_left_padding(policy):
 
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -58,8 +58,14 @@ def bert(cls_name: str, **extra: Any):
 
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **extra,
     )
     return getattr(transformers, cls_name)(config).eval()
 
@@ -253,9 +259,18 @@ def test_token_classification_trains_through_hf_trainer(policy, tmp_path):
     ref_model = copy.deepcopy(pm)
     rows = [{"input_ids": BATCH[i], "attention_mask": _mask(BATCH)[i], "labels": LABELS[i]} for i in range(2)]
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=0.5,
-        lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True, save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
     )
     optimizer = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
     with maskpatch.patched(pm, policy=policy), warnings.catch_warnings():

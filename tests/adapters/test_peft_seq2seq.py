@@ -43,8 +43,16 @@ def pm():
 
     torch.manual_seed(0)
     config = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0,
-        decoder_start_token_id=0, eos_token_id=1, dropout_rate=0.0,
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
     )
     config._attn_implementation = "eager"
     with warnings.catch_warnings():

@@ -405,7 +405,7 @@ def test_auto_enable_patches_new_pipelines_around_prompt_learning_models(tokeniz
     disable() puts back the pipeline classes' very same __init__ objects."""
     from transformers.pipelines import Pipeline, TokenClassificationPipeline
 
-    from maskpatch import autoenable
+    from maskpatch.auto import autoenable
 
     classes = (Pipeline, TokenClassificationPipeline)
     before = [cls.__dict__["__init__"] for cls in classes]

@@ -95,7 +95,7 @@ def test_sequence_classification_scores_are_bit_identical(model_dirs, task):
         with maskpatch.patched(model, policy=policy):
             assert maskpatch.is_patched(model)
             assert torch.equal(predict(model, PAIRS), before)
-            assert all(torch.equal(predict(model, [p]), b) for p, b in zip(PAIRS, before_alone))
+            assert all(torch.equal(predict(model, [p]), b) for p, b in zip(PAIRS, before_alone, strict=True))
     assert not maskpatch.is_patched(model)
     assert torch.equal(predict(model, PAIRS), before)
 

@@ -11,6 +11,12 @@ pads; the reference runs the PEFT model by hand with exactly those positions
 from __future__ import annotations
 
 import pytest
+from torch import Tensor
+
+import maskpatch
+from maskpatch import POLICIES
+from maskpatch.hooks import MaskpatchHook, PositionIdsHook
+
 from conftest import TEXTS
 from helpers import (
     add_prompt_learning,
@@ -25,11 +31,6 @@ from helpers import (
     st_model,
     with_head,
 )
-from torch import Tensor
-
-import maskpatch
-from maskpatch import POLICIES
-from maskpatch.hooks import MaskpatchHook, PositionIdsHook
 
 M = 4
 TOL = 1e-5

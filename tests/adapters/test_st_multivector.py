@@ -45,7 +45,7 @@ DOCUMENTS = [
 
 
 def multi_vector_encoder(path: str, *, kind: str = "prompt", attend: bool = False):
-    """A MultiVectorEncoder: Transformer (query expansion) + Dense(32->16) + MultiVectorMask(punctuation) + Normalize."""
+    """A MultiVectorEncoder: Transformer (query expansion), Dense(32->16), MultiVectorMask(punctuation), Normalize."""
     from sentence_transformers import MultiVectorEncoder
     from sentence_transformers.base.modules import Dense, Normalize
     from sentence_transformers.base.modules.transformer import Transformer
@@ -54,9 +54,7 @@ def multi_vector_encoder(path: str, *, kind: str = "prompt", attend: bool = Fals
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        transformer = Transformer(
-            path, query_expansion={"strategy": "fixed", "attend": attend, "length": EXPANSION}
-        )
+        transformer = Transformer(path, query_expansion={"strategy": "fixed", "attend": attend, "length": EXPANSION})
         modules = [
             transformer,
             Dense(32, 16, bias=False, activation_function=torch.nn.Identity(), module_input_name="token_embeddings"),
@@ -99,12 +97,12 @@ def vectors_by_hand(model, texts: list[str], task: str, policy: str) -> list[Ten
     else:
         virtual = torch.full((len(texts), M), policy == "extend")
         scored = torch.cat([virtual, scored], dim=1)
-    return [F.normalize(t[s], dim=-1) for t, s in zip(tokens, scored)]
+    return [F.normalize(t[s], dim=-1) for t, s in zip(tokens, scored, strict=True)]
 
 
 def max_abs_diff(a: list[Tensor], b: list[Tensor]) -> float:
     assert [x.shape for x in a] == [y.shape for y in b]
-    return max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+    return max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +179,7 @@ def test_allowlist_restricts_the_real_tokens_and_the_policy_decides_the_virtual_
     ids, mask = features["input_ids"], features["attention_mask"].bool()
     scored = mask & ~torch.isin(ids, skiplist_ids(model)) & torch.isin(ids, torch.tensor(keep))
     scored = torch.cat([torch.full((len(DOCUMENTS), M), policy == "extend"), scored], dim=1)
-    expected = [F.normalize(t[s], dim=-1) for t, s in zip(tokens, scored)]
+    expected = [F.normalize(t[s], dim=-1) for t, s in zip(tokens, scored, strict=True)]
 
     with maskpatch.patched(model, policy=policy):
         batch = encode(model, DOCUMENTS, "document")

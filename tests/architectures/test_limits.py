@@ -23,7 +23,8 @@ from conftest import TEXTS
 from helpers import add_prompt_learning, encode, st_model, with_head
 
 import maskpatch
-from maskpatch import KnownLimitError, MaskpatchWarning, doctor
+from maskpatch import KnownLimitError, MaskpatchWarning
+from maskpatch.cli import doctor
 
 M = 4
 TOL = 1e-5

@@ -22,7 +22,7 @@ from test_hostile_findings import IDS, MASK, Prepends, prompt_tuned
 from torch import nn
 
 import maskpatch
-from maskpatch import autoenable
+from maskpatch.auto import autoenable
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),

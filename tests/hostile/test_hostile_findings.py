@@ -246,7 +246,7 @@ def test_remove_reaches_a_peft_model_swapped_out_since_apply(tiny_model_dir):
 )
 def test_doctor_refuses_a_bad_config_with_one_line_and_exit_2(tmp_path, capsys, config, found):
     """Valid JSON that is not an object, or a model_type the doctor does not load: exit 2, one line, no lookup."""
-    from maskpatch import doctor
+    from maskpatch.cli import doctor
 
     (tmp_path / "config_sentence_transformers.json").write_text(config)
     assert doctor.main([str(tmp_path)]) == 2
@@ -312,9 +312,9 @@ def test_strict_with_a_bad_policy_fails_a_retried_import_too(tmp_path):
         import os, sys
         sys.path[:0] = [{str(ROOT)!r}, {str(tmp_path)!r}]
         os.environ.update(MASKPATCH_AUTO="1", MASKPATCH_STRICT="1", MASKPATCH_POLICY="banana")
-        import _maskpatch_bootstrap
-        assert _maskpatch_bootstrap.__file__.startswith({str(ROOT)!r})
-        _maskpatch_bootstrap.start()
+        from maskpatch.auto import bootstrap
+        assert bootstrap.__file__.startswith({str(ROOT)!r})
+        bootstrap.start()
         results = []
         for attempt in range(2):
             try:

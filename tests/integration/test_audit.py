@@ -270,7 +270,7 @@ warnings.simplefilter("always")
 sys.path.insert(0, sys.argv[2])
 from helpers import add_prompt_learning, st_model
 import maskpatch
-from maskpatch import autoenable
+from maskpatch.auto import autoenable
 from maskpatch.auditing import AuditHook
 
 model = add_prompt_learning(st_model(sys.argv[1]), m=4)
@@ -325,7 +325,7 @@ def test_maskpatch_auto_audit_reports_every_created_model_and_changes_nothing(ti
 
 def test_launcher_audit_option_sets_the_variable():
     """`maskpatch run --audit` sets MASKPATCH_AUTO=audit (and the default stays 1)."""
-    from maskpatch import launcher
+    from maskpatch.auto import launcher
 
     options = launcher.build_parser().parse_args(["--audit", "--", "python", "x.py"])
     assert options.audit is True

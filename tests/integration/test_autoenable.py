@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from maskpatch import constants
+from maskpatch.auto import constants
 from maskpatch.handle import iter_hooks
 
 pytestmark = pytest.mark.slow
@@ -73,11 +73,11 @@ def last_json(stdout: str) -> dict:
 
 START_PROBE = """
 import json, sys
-boot = sys.modules.get("_maskpatch_bootstrap")
+boot = sys.modules.get("maskpatch.auto.bootstrap")
 settings = getattr(boot, "_settings", None)
 print(json.dumps({
     "modules": sorted(m for m in sys.modules if m.split(".")[0] in
-                      ("torch", "maskpatch", "_maskpatch_bootstrap", "wrapt", "sentence_transformers", "peft",
+                      ("torch", "maskpatch", "wrapt", "sentence_transformers", "peft",
                        "transformers")),
     "patching": bool(settings is not None and settings.patching),
 }))
@@ -86,7 +86,7 @@ print(json.dumps({
 
 def test_constants_agree_with_the_library():
     """The policies MASKPATCH_POLICY accepts are the library's; the registry knows the adapters the docs name."""
-    import maskpatch  # noqa: PLC0415
+    import maskpatch
 
     assert tuple(maskpatch.POLICIES) == constants.POLICY_VALUES
     assert {"sentence-transformers", "peft"} <= {a.name for a in maskpatch.registered_adapters()}
@@ -98,7 +98,7 @@ def test_pth_is_installed_next_to_the_packages_with_one_import_line():
     lines = [line for line in pth.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert len(lines) == 1 and lines[0].startswith("import ")
     assert f'"{constants.MASKPATCH_AUTO}" in os.environ' in lines[0]
-    assert "_maskpatch_bootstrap" in lines[0]
+    assert "maskpatch.auto.bootstrap" in lines[0]
 
 
 def test_unset_variable_imports_nothing_at_start():
@@ -110,12 +110,13 @@ def test_unset_variable_imports_nothing_at_start():
 
 
 def test_set_variable_imports_only_the_bootstrap_at_start():
-    """MASKPATCH_AUTO=1 imports the bootstrap alone: wrapt, torch, maskpatch and the libraries wait for their import."""
+    """MASKPATCH_AUTO=1 imports the stdlib-only start-up modules alone (the lazy package, maskpatch.auto, its
+    bootstrap and constants): wrapt, torch, maskpatch's core and the libraries wait for their import."""
     result = run_python(START_PROBE, env=clean_env(MASKPATCH_AUTO="1"))
     assert result.returncode == 0, result.stderr
     found = last_json(result.stdout)
     assert found["patching"] is True
-    assert {m.split(".")[0] for m in found["modules"]} == {"_maskpatch_bootstrap"}
+    assert found["modules"] == ["maskpatch", "maskpatch.auto", "maskpatch.auto.bootstrap", "maskpatch.auto.constants"]
     assert result.stderr == ""
 
 
@@ -280,12 +281,13 @@ def test_auto_enable_patches_every_model_created(tiny_model_dir):
 
 def test_enable_and_disable_from_code_restore_the_constructors_exactly(tiny_model_dir):
     """autoenable.enable() patches new models in this process; disable() puts back the very same __init__ objects."""
-    from helpers import st_model  # noqa: PLC0415
-    from peft import PeftModel, PeftModelForFeatureExtraction  # noqa: PLC0415
-    from sentence_transformers.base.model import BaseModel  # noqa: PLC0415
+    from peft import PeftModel, PeftModelForFeatureExtraction
+    from sentence_transformers.base.model import BaseModel
 
-    import maskpatch  # noqa: PLC0415
-    from maskpatch import autoenable  # noqa: PLC0415
+    import maskpatch
+    from maskpatch.auto import autoenable
+
+    from helpers import st_model
 
     classes = (BaseModel, PeftModel, PeftModelForFeatureExtraction)
     before = [cls.__dict__["__init__"] for cls in classes]
@@ -340,7 +342,7 @@ def test_unknown_disabled_adapter_warns_once_and_patches_nothing(stand_in_peft):
     env = clean_env(
         MASKPATCH_AUTO="1", MASKPATCH_DISABLED_ADAPTERS="sentence-transformers,nope", PYTHONPATH=stand_in_peft
     )
-    code = "import peft\nfrom maskpatch import autoenable\nprint(autoenable.is_enabled())"
+    code = "import peft\nfrom maskpatch.auto import autoenable\nprint(autoenable.is_enabled())"
     result = run_python(code, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "False"
@@ -412,7 +414,7 @@ def venv_without_pth(tmp_path_factory) -> Path:
         text=True,
         check=True,
     ).stdout.strip()
-    import maskpatch  # noqa: PLC0415 - where this environment's maskpatch (editable or not) lives
+    import maskpatch
 
     package_parent = Path(maskpatch.__file__).resolve().parents[1]
     ours = sysconfig.get_paths()["purelib"]
@@ -466,7 +468,7 @@ def test_launcher_works_without_the_pth_with_policy_and_disabled_adapters(venv_w
 def test_launcher_options_set_the_variables():
     """--policy, --strict and --disable-adapters reach the command's environment and its auto-enable."""
     code = (
-        START_PROBE + "s = sys.modules['_maskpatch_bootstrap']._settings\n"
+        START_PROBE + "s = sys.modules['maskpatch.auto.bootstrap']._settings\n"
         "print(json.dumps([s.policy, s.strict, sorted(s.disabled_adapters)]))\n"
     )
     result = subprocess.run(
@@ -533,20 +535,26 @@ def test_regular_wheel_installs_the_pth_and_pip_removes_it(tmp_path):
     subprocess.run([base, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
     python = str(tmp_path / "venv" / "bin" / "python")
     pip = [sys.executable, "-m", "pip", "--python", python]
-    subprocess.run([*pip, "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=240)
+    # Without PYTHONPATH: a checkout on it (with the egg-info the build leaves) would pass for installed.
+    pip_env = clean_env()
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", str(wheel)], check=True, capture_output=True, timeout=240, env=pip_env
+    )
     purelib = Path(
         run_python(
             "import sysconfig; print(sysconfig.get_paths()['purelib'])", env=clean_env(), python=python
         ).stdout.strip()
     )
-    assert (purelib / "maskpatch_auto.pth").read_text() == (ROOT / "build_support" / "maskpatch_auto.pth").read_text()
+    assert (purelib / "maskpatch_auto.pth").read_text() == (ROOT / "maskpatch_auto.pth").read_text()
     # wrapt (the one thing the bootstrap imports) comes from this environment; no .pth of it is read
     (purelib / "00_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # read before maskpatch_auto.pth
-    probe = START_PROBE + "print(sys.modules['_maskpatch_bootstrap'].__file__)\n"
+    probe = START_PROBE + "print(sys.modules['maskpatch.auto.bootstrap'].__file__)\n"
     started = run_python(probe, env=clean_env(MASKPATCH_AUTO="1"), python=python)
     assert started.returncode == 0 and started.stderr == "", started.stderr
     assert json.loads(started.stdout.splitlines()[0])["patching"] is True
-    assert Path(started.stdout.splitlines()[1]).parent == purelib
-    subprocess.run([*pip, "uninstall", "-y", "-q", "maskpatch"], check=True, capture_output=True, timeout=240)
+    assert Path(started.stdout.splitlines()[1]) == purelib / "maskpatch" / "auto" / "bootstrap.py"
+    subprocess.run(
+        [*pip, "uninstall", "-y", "-q", "maskpatch"], check=True, capture_output=True, timeout=240, env=pip_env
+    )
     assert not (purelib / "maskpatch_auto.pth").exists()
-    assert not (purelib / "_maskpatch_bootstrap.py").exists()
+    assert not (purelib / "maskpatch").exists()

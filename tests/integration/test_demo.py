@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import maskpatch
-from maskpatch import cli, demo
+from maskpatch import cli
+from maskpatch.cli import demo
 
 pytestmark = pytest.mark.slow
 

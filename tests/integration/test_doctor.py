@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskpatch import cli, doctor
+from maskpatch import cli
+from maskpatch.cli import doctor
 
 M = 4
 

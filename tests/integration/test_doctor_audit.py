@@ -17,7 +17,8 @@ import warnings
 import pytest
 import torch
 
-from maskpatch import cli, doctor
+from maskpatch import cli
+from maskpatch.cli import doctor
 
 M = 4
 TEXTS = ("hello world", "a considerably longer sentence that pads the first one")

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import add_prompt_learning, encode, st_model, state
 from torch import nn
 
 import maskpatch
 from maskpatch.hooks import MaskpatchHook
+
+from helpers import add_prompt_learning, encode, st_model, state
 
 pytestmark = [
     pytest.mark.slow,
@@ -58,8 +59,6 @@ COPIES: dict[str, Callable[[nn.Module], nn.Module]] = {
     "deepcopy": copy.deepcopy,
     "torch.save": torch_roundtrip,
 }
-
-
 
 
 def maskpatch_objects(model: nn.Module) -> list[str]:

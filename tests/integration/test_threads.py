@@ -18,10 +18,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model, state
 from torch import nn
 
 import maskpatch
+
+from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model, state
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,8 +39,6 @@ TEXTS = [
     "another sentence of a middling length for the batch",
 ]
 TIMEOUT = 120
-
-
 
 
 @pytest.fixture

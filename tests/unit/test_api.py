@@ -11,8 +11,6 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import TEXTS
-from helpers import HOOK_DICTS, add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
 from torch import nn
 
 import maskpatch
@@ -28,6 +26,9 @@ from maskpatch import (
 )
 from maskpatch.handle import HookSpec, iter_hooks
 from maskpatch.hooks import InstallRecord, MaskpatchHook, PositionIdsHook
+
+from conftest import TEXTS
+from helpers import HOOK_DICTS, add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_second_apply_with_another_policy_raises_and_keeps_the_first(model):
     """apply() with a different policy on a patched model raises AlreadyPatchedError; the first stays."""
     maskpatch.apply(model, policy="extend")
     count = _hook_count(model)
-    with pytest.raises(AlreadyPatchedError, match="'extend'.*'ignore'"):
+    with pytest.raises(AlreadyPatchedError, match=r"'extend'.*'ignore'"):
         maskpatch.apply(model, policy="ignore")
     assert _hook_count(model) == count
     assert all(hook.record.policy == "extend" for _, _, hook in iter_hooks(model))
@@ -156,7 +157,7 @@ def test_apply_on_a_non_module_raises_unsupported_model(target):
 def test_apply_on_a_plain_module_raises_unsupported_model():
     """A plain torch module that no adapter handles raises UnsupportedModelError; nothing is installed."""
     linear = nn.Linear(2, 2)
-    with pytest.raises(UnsupportedModelError, match="Linear.*registered adapters: .*sentence-transformers"):
+    with pytest.raises(UnsupportedModelError, match=r"Linear.*registered adapters: .*sentence-transformers"):
         maskpatch.apply(linear)
     assert not maskpatch.is_patched(linear)
     assert not linear._forward_hooks and not linear._forward_pre_hooks

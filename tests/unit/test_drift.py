@@ -194,7 +194,7 @@ def test_repair_features_never_mutates_the_callers_dict_or_tensors(policy):
         if isinstance(obj, torch.Tensor):
             assert torch.equal(obj, values)
         else:
-            assert all(torch.equal(a, b) for a, b in zip(obj, values))
+            assert all(torch.equal(a, b) for a, b in zip(obj, values, strict=True))
 
 
 def test_repair_features_extend_and_ignore_prefix_the_mask_only():
@@ -219,7 +219,7 @@ def test_repair_features_strip_cuts_every_token_level_output_as_views():
     assert _shares_storage(repaired["token_embeddings"], features["token_embeddings"])
     layers = repaired["all_layer_embeddings"]
     assert type(layers) is tuple and len(layers) == 3
-    for cut, full in zip(layers, features["all_layer_embeddings"]):
+    for cut, full in zip(layers, features["all_layer_embeddings"], strict=True):
         assert cut.shape == (2, 4, 2)
         assert _shares_storage(cut, full)
 

@@ -20,10 +20,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import maskpatch
-from conftest import TEXTS
-from helpers import add_prompt_learning, encode, st_model
 from maskpatch import POLICIES, layout
 from maskpatch.handle import iter_hooks
+
+from conftest import TEXTS
+from helpers import add_prompt_learning, encode, st_model
 
 M = 4
 SYNC = torch.ops.aten._local_scalar_dense.default

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,10 @@ from torch import nn
 
 import maskpatch
 from maskpatch import (
+    AdapterExistsError,
+    InvalidAdapterError,
     MaskpatchError,
+    UnknownAdapterError,
     UnsupportedModelError,
     UnsupportedVersionError,
     register_adapter,
@@ -57,10 +62,8 @@ def scratch_names():
     names: list[str] = []
     yield names
     for name in names:
-        try:
+        with contextlib.suppress(UnknownAdapterError):
             unregister_adapter(name)
-        except KeyError:
-            pass
 
 
 # --- the registry as data -------------------------------------------------------------------
@@ -78,28 +81,58 @@ def test_register_then_unregister_restores_the_registry(scratch_names):
 
 
 def test_registering_a_name_twice_needs_replace(scratch_names):
-    """A second adapter of the same name raises MaskpatchError unless replace=True, which swaps it in place."""
+    """A second adapter of the same name raises AdapterExistsError (a MaskpatchError and a ValueError)
+    unless replace=True, which swaps it in place; the refused one is not registered."""
     first, second = FakeAdapter("fake-b"), FakeAdapter("fake-b")
     register_adapter(first)
     scratch_names.append("fake-b")
-    with pytest.raises(MaskpatchError, match="already registered"):
+    with pytest.raises(AdapterExistsError, match="an adapter named 'fake-b' is already registered") as info:
         register_adapter(second)
+    assert isinstance(info.value, MaskpatchError) and isinstance(info.value, ValueError)
+    assert [a for a in registered_adapters() if a.name == "fake-b"] == [first]
     register_adapter(second, replace=True)
     assert [a for a in registered_adapters() if a.name == "fake-b"] == [second]
 
 
 def test_register_refuses_objects_that_are_not_adapters():
-    """An object without name/requires/optional/matches/plan is a TypeError, and nothing is registered."""
+    """An object without name/requires/optional/matches/plan raises InvalidAdapterError (a MaskpatchError
+    and a TypeError) naming what is missing, and nothing is registered."""
     before = registered_adapters()
-    with pytest.raises(TypeError, match="expected an object with name"):
+    with pytest.raises(InvalidAdapterError, match=r"expected an adapter with name.*missing: name, requires") as info:
         register_adapter(object())  # type: ignore[arg-type]
+    assert isinstance(info.value, MaskpatchError) and isinstance(info.value, TypeError)
     assert registered_adapters() == before
 
 
-def test_unregister_unknown_name_is_a_key_error():
-    """Unregistering a name that is not registered raises KeyError."""
-    with pytest.raises(KeyError):
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("name", "", "a non-empty str"),
+        ("name", 3, "a non-empty str"),
+        ("requires", ["torch>=2"], "'fake-bad'.requires to be a mapping"),
+        ("optional", None, "'fake-bad'.optional to be a mapping"),
+        ("plan", "not callable", "'fake-bad'.plan to be callable"),
+    ],
+)
+def test_register_refuses_adapters_with_malformed_members(field, value, expected):
+    """Members of the wrong kind are refused with InvalidAdapterError before the registry changes."""
+    before = registered_adapters()
+    adapter = FakeAdapter("fake-bad")
+    setattr(adapter, field, value)
+    with pytest.raises(InvalidAdapterError, match=re.escape(expected)):
+        register_adapter(adapter)
+    assert registered_adapters() == before
+
+
+def test_unregister_unknown_name_is_an_unknown_adapter_error():
+    """Unregistering a name that is not registered raises UnknownAdapterError (a MaskpatchError and a
+    KeyError) whose message is a sentence naming the registered adapters."""
+    with pytest.raises(UnknownAdapterError) as info:
         unregister_adapter("no-such-adapter")
+    assert isinstance(info.value, MaskpatchError) and isinstance(info.value, KeyError)
+    message = str(info.value)
+    assert message.startswith("no adapter named 'no-such-adapter' is registered; registered adapters: ")
+    assert all(a.name in message for a in registered_adapters())
 
 
 def test_find_adapter_returns_the_first_match_in_registration_order(scratch_names):
@@ -224,7 +257,7 @@ def test_check_requirements_optional_library_is_checked_only_when_installed(monk
     _fake_versions(monkeypatch, {"liby": "missing"})
     check_requirements(FakeAdapter(optional={"liby": ">=1"}))
     _fake_versions(monkeypatch, {"liby": "0.5"})
-    with pytest.raises(UnsupportedVersionError, match="liby==0.5"):
+    with pytest.raises(UnsupportedVersionError, match=r"liby==0\.5"):
         check_requirements(FakeAdapter(optional={"liby": ">=1"}))
 
 

@@ -1,9 +1,9 @@
 """Command line: ``maskpatch <command> [options]``.
 
 Each command lives in its own module, imported only when the command runs, so ``maskpatch --help``
-stays fast. A command module provides ``main(argv: list[str]) -> int``, parses its own options
-(``prog="maskpatch <command>"``) and returns the exit status. Adding a command is one entry in
-:data:`COMMANDS`.
+and ``maskpatch run`` stay fast (neither imports torch). A command module provides
+``main(argv: list[str]) -> int``, parses its own options (``prog="maskpatch <command>"``) and
+returns the exit status. Adding a command is one entry in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: command name -> (module with ``main(argv) -> int``, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("maskpatch.demo", "show the drift today and after the repair on the bundled all-MiniLM-L6-v2"),
-    "run": ("maskpatch.launcher", "run a command with auto-enable on: maskpatch run -- python train.py"),
-    "doctor": ("maskpatch.doctor", "load a saved model (and adapter), report its drift and what each policy does"),
+    "demo": ("maskpatch.cli.demo", "show the drift today and after the repair on the bundled all-MiniLM-L6-v2"),
+    "run": ("maskpatch.auto.launcher", "run a command with auto-enable on: maskpatch run -- python train.py"),
+    "doctor": ("maskpatch.cli.doctor", "load a saved model (and adapter), report its drift and what each policy does"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser; each command's own options are parsed by its module."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="maskpatch",
@@ -57,7 +57,3 @@ def _exit_status(exc: SystemExit) -> int:
         return exc.code or 0
     print(exc.code, file=sys.stderr)
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -110,6 +109,8 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
     sys.stderr.flush()
     try:
         if os.name != "posix":
+            import subprocess  # only here: it costs an import on every `maskpatch run`
+
             return subprocess.call(command, env=env)
         os.execvpe(command[0], command, env)
     except FileNotFoundError:
@@ -118,4 +119,3 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
     except PermissionError:
         print(f"maskpatch run: permission denied: {command[0]}", file=sys.stderr)
         return 126
-    return 0  # not reached on POSIX: execvpe does not return

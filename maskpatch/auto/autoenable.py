@@ -1,7 +1,7 @@
 """Process-wide auto-enable: patch every model sentence-transformers and peft create.
 
 ``MASKPATCH_AUTO=1`` in the environment turns this on at interpreter start (see
-:mod:`maskpatch.constants` and ``docs/auto-enable.md``); :func:`enable` turns it on from code.
+:mod:`maskpatch.auto.constants` and ``docs/auto-enable.md``); :func:`enable` turns it on from code.
 Either way nothing is imported eagerly: post-import hooks (``wrapt.register_post_import_hook``)
 wait for ``sentence_transformers`` and ``peft``, and then wrap, at class level with wrapt, the
 ``__init__`` of
@@ -46,15 +46,15 @@ from typing import Any
 import wrapt
 from torch import nn
 
-from . import api
-from .auditing import AuditReport, audit, is_audited
-from .adapters.hosts import HostAdapter, host_adapter
+from .. import api
+from ..adapters.hosts import HostAdapter, host_adapter
+from ..auditing import AuditReport, audit, is_audited
+from ..drift import Policy, validate_policy
+from ..errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
+from ..handle import iter_hooks, remove_hooks
+from ..layout import is_peft_model
+from ..registry import find_adapter, registered_adapters
 from .constants import INSTRUMENTED_MODULES, parse_adapter_list
-from .drift import Policy, validate_policy
-from .errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
-from .handle import iter_hooks, remove_hooks
-from .layout import is_peft_model
-from .registry import find_adapter, registered_adapters
 
 __all__ = [
     "AutoEnableConfig",
@@ -94,7 +94,7 @@ class _State:
         self.config: AutoEnableConfig | None = None
         self.hooks_registered = False
         # (class, original __init__, wrapper) for each class whose __init__ is wrapped.
-        self.wrapped: list[tuple[type, Any, wrapt.FunctionWrapper]] = []
+        self.wrapped: list[tuple[type, Any, wrapt.FunctionWrapper[..., Any]]] = []
         # Sentence-transformers models auto-enable patched (weakly held: only to find, when a
         # PeftModel is created, whether its base model already sits inside one).
         self.st_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -187,7 +187,7 @@ def instrument_module(module: ModuleType) -> None:
         return
     try:
         classes = list(_constructors(module.__name__))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reported by _problem: raised under strict, warned otherwise
         _problem(config, f"cannot find the model classes of {module.__name__} ({type(exc).__name__}: {exc})", exc)
         return
     with _STATE.lock:

@@ -27,17 +27,21 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .api import patched
-from .auditing import AuditReport, audit
-from .drift import POLICIES
-from .errors import DriftWarning, MaskpatchWarning
-from .layout import active_layout
+from ..api import patched
+from ..auditing import AuditReport, audit
+from ..drift import POLICIES
+from ..errors import DriftWarning, MaskpatchWarning
+from ..layout import active_layout
+
+if TYPE_CHECKING:
+    from sentence_transformers.base.model import BaseModel
 
 __all__ = ["DoctorError", "Drift", "PolicyResult", "Report", "audit_saved", "diagnose", "format_audit", "main"]
 
@@ -151,7 +155,7 @@ def verdict(drift: Drift, results: Sequence[PolicyResult]) -> tuple[bool, str]:
     return True, "healthy: the output has no per-position axis (e.g. cross-encoder scores), so there is no drift"
 
 
-def measure_drift(model: nn.Module, inputs: list[Any]) -> Drift:
+def measure_drift(model: BaseModel, inputs: list[Any]) -> Drift:
     """Run the first ``Transformer`` module of ``model`` on ``inputs``, unpatched, and measure its drift."""
     transformer = _transformer_module(model)
     with warnings.catch_warnings(), torch.no_grad():
@@ -162,12 +166,17 @@ def measure_drift(model: nn.Module, inputs: list[Any]) -> Drift:
     tokens, mask = output.get(key), output["attention_mask"]
     layout = active_layout(getattr(transformer, "model", None))
     n = int(mask.shape[1])
-    common = dict(
-        output_key=key, n=n, adapter=layout.adapter, peft_type=layout.peft_type, num_virtual_tokens=layout.num_virtual_tokens
+    drift = partial(
+        Drift,
+        output_key=key,
+        n=n,
+        adapter=layout.adapter,
+        peft_type=layout.peft_type,
+        num_virtual_tokens=layout.num_virtual_tokens,
     )
     if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[1] < n:
         # 2-D scores, or causal logits cut to the last positions (logits_to_keep).
-        return Drift("no token-level output", positions=None, excess=None, **common)
+        return drift("no token-level output", positions=None, excess=None)
     excess = int(tokens.shape[1]) - n
     if excess == 0:
         status = "none"
@@ -175,7 +184,7 @@ def measure_drift(model: nn.Module, inputs: list[Any]) -> Drift:
         status = "repairable"
     else:
         status = "unexplained"
-    return Drift(status, positions=n + excess, excess=excess, **common)
+    return drift(status, positions=n + excess, excess=excess)
 
 
 def _probe_policy(model: nn.Module, inputs: list[Any], policy: str) -> PolicyResult:
@@ -206,7 +215,7 @@ def _invariance(model: nn.Module, inputs: list[Any], policy: str | None) -> Poli
 
 def _runner(model: nn.Module) -> Callable[[list[Any]], list[Tensor]]:
     """Return a function running ``model``'s own inference API, one flat float tensor per input."""
-    from sentence_transformers import CrossEncoder, MultiVectorEncoder, SparseEncoder
+    from sentence_transformers import CrossEncoder, MultiVectorEncoder, SentenceTransformer, SparseEncoder
 
     def run(batch: list[Any]) -> list[Tensor]:
         with warnings.catch_warnings():
@@ -219,7 +228,7 @@ def _runner(model: nn.Module) -> Callable[[list[Any]], list[Tensor]]:
             elif isinstance(model, SparseEncoder):
                 out = model.encode(batch, convert_to_tensor=True, convert_to_sparse_tensor=False, batch_size=len(batch))
             else:
-                out = model.encode(batch, convert_to_tensor=True, batch_size=len(batch))
+                out = cast(SentenceTransformer, model).encode(batch, convert_to_tensor=True, batch_size=len(batch))
         return [row.detach().float().reshape(-1).cpu() for row in out]
 
     return run
@@ -253,22 +262,23 @@ def _known_model_type(model_type: object, *, source: str) -> str:
     return model_type
 
 
-def _load(model_dir: Path, model_type: str) -> nn.Module:
+def _load(model_dir: Path, model_type: str) -> BaseModel:
     import sentence_transformers
 
     cls = getattr(sentence_transformers, _known_model_type(model_type, source="the model type"))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cls(str(model_dir), device="cpu", local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any loading failure is reported the same way
+            loaded: BaseModel = cls(str(model_dir), device="cpu", local_files_only=True)
+            return loaded
+    except Exception as exc:
         raise DoctorError(f"cannot load {str(model_dir)!r} as a {model_type}: {type(exc).__name__}: {exc}") from exc
 
 
 def _transformer_module(model: nn.Module) -> nn.Module:
     from sentence_transformers.base.modules.transformer import Transformer
 
-    found = next((m for m in model.modules() if isinstance(m, Transformer)), None)
+    found: nn.Module | None = next((m for m in model.modules() if isinstance(m, Transformer)), None)
     if found is None:
         raise DoctorError(f"expected a model with a sentence-transformers Transformer module, but {model!r} has none")
     return found
@@ -283,8 +293,8 @@ def _attach_adapter(model: nn.Module, adapter_dir: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            transformer.model = PeftModel.from_pretrained(transformer.model, str(adapter_dir))
-    except Exception as exc:  # noqa: BLE001
+            transformer.model = PeftModel.from_pretrained(cast(nn.Module, transformer.model), str(adapter_dir))
+    except Exception as exc:
         raise DoctorError(f"cannot load the adapter {str(adapter_dir)!r}: {type(exc).__name__}: {exc}") from exc
 
 

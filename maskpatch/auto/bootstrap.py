@@ -1,14 +1,16 @@
-"""Start maskpatch's auto-enable at interpreter start, without importing maskpatch, torch or wrapt.
+"""Start maskpatch's auto-enable at interpreter start, without importing torch, wrapt or maskpatch's core.
 
 Two things call :func:`start`: the one line of ``maskpatch_auto.pth`` (only when
 ``MASKPATCH_AUTO`` is in the environment) and the ``sitecustomize`` that ``maskpatch run`` puts
-first on ``PYTHONPATH``. :func:`start` reads the environment with :mod:`maskpatch.constants`
-(loaded on its own: standard library only) and, when auto-enable is on, puts a small finder first
-on ``sys.meta_path``. The first time ``sentence_transformers`` or ``peft`` is looked up, that
-finder takes itself off, registers wrapt post-import hooks (``wrapt.register_post_import_hook``)
-on both libraries and hands the lookup to wrapt's finder. When a library has been imported, its
-hook imports :mod:`maskpatch.autoenable`, which wraps the library's model constructors. A process
-that never imports either library never imports wrapt, torch or maskpatch.
+first on ``PYTHONPATH``. This module, :mod:`maskpatch.auto.constants` and the packages above them
+import the standard library only (``maskpatch/__init__`` loads its public names on first use).
+:func:`start` reads the environment with :mod:`maskpatch.auto.constants` and, when auto-enable is
+on, puts a small finder first on ``sys.meta_path``. The first time ``sentence_transformers`` or
+``peft`` is looked up, that finder takes itself off, registers wrapt post-import hooks
+(``wrapt.register_post_import_hook``) on both libraries and hands the lookup to wrapt's finder.
+When a library has been imported, its hook imports :mod:`maskpatch.auto.autoenable`, which wraps
+the library's model constructors. A process that never imports either library never imports
+wrapt, torch or the rest of maskpatch.
 
 :func:`start` never raises: an exception here would be printed by ``site`` for every Python
 process in the environment. A bad value gives one warning and no patching.
@@ -21,6 +23,8 @@ import os
 import sys
 from types import ModuleType
 
+from .constants import INSTRUMENTED_MODULES, AutoSettings, read_settings
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at start-up; only type checkers need it here
     from importlib.machinery import ModuleSpec
@@ -30,7 +34,7 @@ __all__ = ["start"]
 
 _started = False
 _enabled = False
-_settings: Any = None  # the AutoSettings read at start; Any: its class is loaded on its own
+_settings = AutoSettings()  # replaced by what the environment says when start() runs
 _libraries: tuple[str, ...] = ()
 
 
@@ -48,9 +52,8 @@ def start() -> None:
 
 def _start() -> None:
     global _settings, _libraries
-    constants = _load_constants()
-    settings = constants.read_settings(os.environ)
-    _settings, _libraries = settings, tuple(constants.INSTRUMENTED_MODULES)
+    settings = read_settings(os.environ)
+    _settings, _libraries = settings, tuple(INSTRUMENTED_MODULES)
     if settings.problems:
         _warn(settings.describe_problems())
         if not settings.strict:
@@ -146,20 +149,21 @@ def _register_hooks() -> Any:
 
 
 def _on_import(module: ModuleType) -> None:
-    """Post-import hook: turn on :mod:`maskpatch.autoenable` with the settings read at start."""
+    """Post-import hook: turn on :mod:`maskpatch.auto.autoenable` with the settings read at start."""
     settings = _settings
     if settings.problems:
         # Only reached under MASKPATCH_STRICT with a library imported before start: fail loudly.
         _refuse()
     global _enabled
     try:
-        from maskpatch import autoenable
+        from ..drift import validate_policy
+        from . import autoenable
 
         if not _enabled:
             # Once only: a later library import must not undo an autoenable.disable() in between.
             _enabled = True
             autoenable.enable(
-                policy=settings.policy,
+                policy=validate_policy(settings.policy),
                 strict=settings.strict,
                 disabled_adapters=settings.disabled_adapters,
                 audit=settings.audit,
@@ -173,29 +177,6 @@ def _on_import(module: ModuleType) -> None:
             )
             raise
         _warn(f"maskpatch: auto-enable failed when {module.__name__} was imported ({type(exc).__name__}: {exc}).")
-
-
-def _load_constants() -> ModuleType:
-    """Load ``maskpatch/constants.py`` on its own: importing the package would import torch.
-
-    The bootstrap module sits next to the ``maskpatch`` folder (in site-packages, or at the root
-    of the source tree for an editable install); ``importlib.util`` would cost an import here.
-    """
-    loaded = sys.modules.get("maskpatch.constants") or sys.modules.get("_maskpatch_constants")
-    if loaded is not None:
-        return loaded
-    from importlib.machinery import ModuleSpec, SourceFileLoader
-
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "maskpatch", "constants.py")
-    if not os.path.isfile(path):
-        raise ImportError(f"maskpatch is not installed next to {__file__} (no {path})")
-    loader = SourceFileLoader("_maskpatch_constants", path)
-    module = ModuleType(loader.name)
-    module.__spec__ = ModuleSpec(loader.name, loader, origin=path)
-    module.__file__, module.__loader__ = path, loader
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
 
 
 def _warn(message: str) -> None:

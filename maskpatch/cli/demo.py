@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .drift import POLICIES, Policy
+from ..drift import POLICIES, Policy
 
 __all__ = ["POOLING_MODES", "main"]
 
@@ -121,7 +121,7 @@ def _prompt_tuned_minilm(m: int) -> tuple[str, Any]:
     # A fresh prompt is what a user has before training; draw it from a fixed seed so runs agree.
     generator = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
-        for name, param in transformer.model.named_parameters():
+        for param in transformer.model.parameters():
             if param.requires_grad:
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype))
     transformer.eval()
@@ -166,7 +166,7 @@ def _today(transformer: Any) -> list[Row]:
 
 
 def _repaired(transformer: Any, mode: str, policy: Policy, references: dict[str, dict[str, Any]]) -> Row:
-    from . import patched
+    from .. import patched
 
     model = _st_model(transformer, mode)
     with patched(model, policy=policy):
@@ -268,7 +268,9 @@ def _summary(total: int, failed: list[Row]) -> int:
         )
         return 0
     for row in failed:
-        print(f"FAILED: pooling {row.mode!r} under policy {row.policy!r}: max|d| batch {row.batch_diff:.1e}, "
-              f"max|d| ref {row.ref_diff:.1e}")
+        print(
+            f"FAILED: pooling {row.mode!r} under policy {row.policy!r}: max|d| batch {row.batch_diff:.1e}, "
+            f"max|d| ref {row.ref_diff:.1e}"
+        )
     print(f"{len(failed)} of {total} repaired outputs miss the reference or are not batch invariant.")
     return 1

@@ -4,9 +4,9 @@ Each constant below is the name of one variable (the constant and the variable a
 same). Child processes inherit the environment, so one setting covers a whole process tree:
 ``torchrun`` workers, sentence-transformers' multi-process encoding pool, DataLoader workers.
 
-This module imports nothing but the standard library and nothing of maskpatch: the start-up
-bootstrap (the ``maskpatch_auto.pth`` line and the ``maskpatch run`` launcher) loads it on its own
-at interpreter start, without importing maskpatch or torch.
+This module imports nothing but the standard library and nothing else of maskpatch: the start-up
+bootstrap (:mod:`maskpatch.auto.bootstrap`, run by the ``maskpatch_auto.pth`` line and by
+``maskpatch run``) imports it at interpreter start, without importing torch.
 """
 
 from __future__ import annotations
