@@ -9,6 +9,7 @@ Importing maskpatch imports neither sentence-transformers nor peft and changes n
 
 from __future__ import annotations
 
+from . import provenance
 from .adapters import register_builtin_adapters
 from .adapters.generic import prepended_mask
 from .adapters.peft import output_mask
@@ -21,6 +22,7 @@ from .errors import (
     MaskpatchError,
     MaskpatchWarning,
     PolicyError,
+    SidecarError,
     UnsupportedModelError,
     UnsupportedVersionError,
 )
@@ -41,6 +43,7 @@ __all__ = [
     "PatchHandle",
     "Policy",
     "PolicyError",
+    "SidecarError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
     "VirtualLayout",
@@ -59,3 +62,5 @@ __all__ = [
 ]
 
 register_builtin_adapters()
+# Adapters saved by a patched model record their policy; loading one unpatched warns (maskpatch.provenance).
+provenance.guard_loads()

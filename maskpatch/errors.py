@@ -13,6 +13,7 @@ __all__ = [
     "MaskpatchError",
     "MaskpatchWarning",
     "PolicyError",
+    "SidecarError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
 ]
@@ -44,6 +45,10 @@ class DriftError(MaskpatchError, RuntimeError):
     maskpatch repairs an excess of exactly the active adapter's ``num_virtual_tokens``; any other
     non-zero excess is reported with this error instead of being repaired silently.
     """
+
+
+class SidecarError(MaskpatchError, ValueError):
+    """A ``maskpatch.json`` beside an adapter that this version cannot read (see :mod:`maskpatch.provenance`)."""
 
 
 class MaskpatchWarning(UserWarning):

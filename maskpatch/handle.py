@@ -65,6 +65,10 @@ def remove_hooks(model: nn.Module, record: InstallRecord | None = None) -> int:
         for name in _PRE_DICTS if hook.pre else _POST_DICTS:
             getattr(module, name).pop(key, None)
         removed += 1
+    if removed:
+        from .provenance import untrack_unpatched  # imported here: provenance imports this module
+
+        untrack_unpatched()
     return removed
 
 
