@@ -70,8 +70,22 @@ class Config:
     threads: int
 
 
-QUICK = dict(ms=(8,), seeds=(0,), epochs=1, train_pairs=128, test_pairs=96, padding_steps=(0, 4, 8, 16))
-FULL = dict(ms=(8, 20), seeds=(0, 1), epochs=10, train_pairs=None, test_pairs=None, padding_steps=tuple(range(0, 33, 4)))
+QUICK: dict[str, Any] = {
+    "ms": (8,),
+    "seeds": (0,),
+    "epochs": 1,
+    "train_pairs": 128,
+    "test_pairs": 96,
+    "padding_steps": (0, 4, 8, 16),
+}
+FULL: dict[str, Any] = {
+    "ms": (8, 20),
+    "seeds": (0, 1),
+    "epochs": 10,
+    "train_pairs": None,
+    "test_pairs": None,
+    "padding_steps": tuple(range(0, 33, 4)),
+}
 
 
 class DataMissing(Exception):
@@ -109,7 +123,9 @@ def simlex_file() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SIMLEX_PATH
     if not path.is_file():
-        raise DataMissing(f"SimLex-999 not found at {path}: this gensim does not ship {SIMLEX_PATH}; install gensim 4.4")
+        raise DataMissing(
+            f"SimLex-999 not found at {path}: this gensim does not ship {SIMLEX_PATH}; install gensim 4.4"
+        )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != SIMLEX_SHA256:
         raise DataMissing(f"{path} has sha256 {digest}, expected {SIMLEX_SHA256} (gensim 4.4.0's copy)")
@@ -260,7 +276,9 @@ def evaluate(model: Any, pairs: list[Pair], cfg: Config, progress: Any) -> list[
             for batch_size in cfg.batch_sizes:
                 vectors = encode_words(model, words, batch_size)
                 alone = vectors if alone is None else alone
-                cosines = torch.stack([torch.nn.functional.cosine_similarity(alone[w], vectors[w], dim=0) for w in words])
+                cosines = torch.stack(
+                    [torch.nn.functional.cosine_similarity(alone[w], vectors[w], dim=0) for w in words]
+                )
                 rows.append(
                     {
                         "served": policy or "unpatched",
@@ -371,7 +389,9 @@ def summarize(results: Results) -> list[dict[str, Any]]:
     rows: dict[tuple[int, str, str], dict[str, Any]] = {}
     for cell in results.cells:
         key = (cell["m"], cell["trained"], cell["served"])
-        row = rows.setdefault(key, {"m": key[0], "trained": key[1], "served": key[2], "by_batch": {}, "min_cosine": 1.0})
+        row = rows.setdefault(
+            key, {"m": key[0], "trained": key[1], "served": key[2], "by_batch": {}, "min_cosine": 1.0}
+        )
         row["by_batch"].setdefault(str(cell["batch_size"]), []).append(cell["spearman"])
         row["min_cosine"] = min(row["min_cosine"], cell["min_cosine_vs_first"])
     for row in rows.values():
@@ -386,10 +406,12 @@ def markdown(results: Results) -> str:
     sizes = [str(b) for b in results.config["batch_sizes"]]
     seeds = len(results.config["seeds"])
     lines = [
-        f"Spearman on {results.data['test_pairs']} held-out SimLex-999 pairs (mean of {seeds} seed"
-        f"{'s' if seeds > 1 else ''}), by encode batch size. \"moves\": the largest change of one seed's score "
-        "across batch sizes; \"min cos\": the lowest cosine of one word's embedding against its embedding at "
-        f"batch {sizes[0]}.",
+        (
+            f"Spearman on {results.data['test_pairs']} held-out SimLex-999 pairs (mean of {seeds} seed"
+            f'{"s" if seeds > 1 else ""}), by encode batch size; **bold**: served as trained. "moves": the '
+            "largest change of one seed's score across batch sizes; \"min cos\": the lowest cosine of one word's "
+            f"embedding against its embedding at batch {sizes[0]}."
+        ),
         "",
         "| M | trained | served | " + " | ".join(f"batch {b}" for b in sizes) + " | moves | min cos |",
         "|---|---|---|" + "---:|" * (len(sizes) + 2),
@@ -404,9 +426,11 @@ def markdown(results: Results) -> str:
     zero = " | ".join(f"{results.zero_shot[b]:.3f}" for b in sizes)
     lines += [f"| - | zero-shot (no adapter) | - | {zero} | | |", ""]
     lines += [
-        f"Loss of one fixed batch of {results.config['train_batch']} training pairs as extra padding columns are "
-        f"added ({', '.join(map(str, results.config['padding_steps']))}), served as trained (seed "
-        f"{results.config['seeds'][0]}):",
+        (
+            f"Loss of one fixed batch of {results.config['train_batch']} training pairs as extra padding columns "
+            f"are added ({', '.join(map(str, results.config['padding_steps']))}), for the prompt each arm trained "
+            f"(seed {results.config['seeds'][0]}), served as trained and the other way round:"
+        ),
         "",
         "| M | trained | served | loss, no extra padding | min | max | max - min |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -417,8 +441,11 @@ def markdown(results: Results) -> str:
             f"| {row['m']} | {row['trained']} | {row['served']} | {losses[0]:.4f} | {min(losses):.4f} | "
             f"{max(losses):.4f} | {max(losses) - min(losses):.2e} |"
         )
-    lines += ["", f"{results.seconds:.0f} s on {results.machine['cpu_count']} CPUs, torch threads "
-              f"{results.machine['torch_threads']}; mode {results.config['mode']}."]
+    machine_line = (
+        f"{results.seconds:.0f} s on {results.machine['cpu_count']} CPUs, torch threads "
+        f"{results.machine['torch_threads']}; mode {results.config['mode']}."
+    )
+    lines += ["", machine_line]
     return "\n".join(lines) + "\n"
 
 
@@ -449,10 +476,18 @@ def figure(results: Results, path: Path) -> None:
         ax_score.set_xticks(sizes, [str(b) for b in sizes])
         _labels(ax_score, "encode batch size", "Spearman, held-out SimLex-999", f"Score vs encode batch size (M={m})")
         for row in (r for r in results.loss_vs_padding if r["m"] == m):
-            if row["served"] in (row["trained"], "unpatched") or (row["trained"], row["served"]) == ("unpatched", "extend"):
-                _line(ax_loss, steps, [loss - row["losses"][0] for loss in row["losses"]], row["trained"], row["served"])
+            if row["served"] in (row["trained"], "unpatched") or (row["trained"], row["served"]) == (
+                "unpatched",
+                "extend",
+            ):
+                _line(
+                    ax_loss, steps, [loss - row["losses"][0] for loss in row["losses"]], row["trained"], row["served"]
+                )
         _labels(
-            ax_loss, "extra padding columns added", "loss - loss without extra padding", f"Loss of one fixed batch vs padding (M={m})"
+            ax_loss,
+            "extra padding columns added",
+            "loss - loss without extra padding",
+            f"Loss of one fixed batch vs padding (M={m})",
         )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -504,6 +539,12 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, Path, bool]:
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate of the prompt")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--no-plot", action="store_true", help="write no figure (matplotlib not needed)")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="train nothing: write the table and figure of a results.json",
+    )
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
     custom = any(x is not None for x in (args.m, args.seeds, args.epochs, args.train_pairs, args.test_pairs))
@@ -520,11 +561,22 @@ def parse(argv: Sequence[str] | None) -> tuple[Config, Path, bool]:
         padding_steps=base["padding_steps"],
         threads=args.threads,
     )
-    return cfg, args.out, not args.no_plot
+    return cfg, args.out, not args.no_plot, args.render
+
+
+def render(path: Path, out: Path, *, plot: bool) -> None:
+    """Write the table (and figure) of an earlier run's ``results.json`` into ``out``; nothing is trained."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("summary", None)
+    write(Results(**data), out, plot=plot)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg, out, plot = parse(argv)
+    cfg, out, plot, rendered = parse(argv)
+    if rendered is not None:
+        render(rendered, out, plot=plot)
+        print(f"wrote {out / 'results.md'}" + (f", {out / 'quality.png'}" if plot else ""))
+        return 0
     try:
         simlex_file()
         if plot and importlib.util.find_spec("matplotlib") is None:

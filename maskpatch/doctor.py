@@ -300,10 +300,9 @@ def _format_trained_with(report: Report) -> list[str]:
     if report.trained_with is None:
         return []
     policy = report.trained_with["policy"]
-    return [
-        f"  trained with:   maskpatch policy {policy!r} (maskpatch.json, maskpatch "
-        f"{report.trained_with['maskpatch_version']}); serve it with maskpatch.apply(model, policy={policy!r})"
-    ]
+    version = report.trained_with["maskpatch_version"]
+    line = f"  trained with:   maskpatch policy {policy!r} (maskpatch.json, maskpatch {version}); "
+    return [line + f"serve it with maskpatch.apply(model, policy={policy!r})"]
 
 
 def _format_result(result: PolicyResult) -> str:

@@ -113,7 +113,9 @@ def read_sidecar(directory: str | os.PathLike[str]) -> TrainedWith | None:
         raise SidecarError(f"cannot read {path}: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("policy") not in POLICIES:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise SidecarError(f"{path} is not a maskpatch sidecar of format {FORMAT} with a known policy (found {found!r})")
+        raise SidecarError(
+            f"{path} is not a maskpatch sidecar of format {FORMAT} with a known policy (found {found!r})"
+        )
     try:
         return TrainedWith(**{key: data[key] for key in TrainedWith.__dataclass_fields__})
     except KeyError as exc:
@@ -330,6 +332,7 @@ def _auto_patch(peft_model: nn.Module, policy: Policy, served: Policy | None) ->
     model that encloses it is the caller's and is left as it is (the caller is warned instead).
     """
     from . import api, autoenable
+
     config = autoenable.current_config()
     if config is None or _PEFT_ADAPTER in config.disabled_adapters:
         return False

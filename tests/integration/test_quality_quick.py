@@ -90,7 +90,9 @@ def test_quality_says_how_to_install_missing_data(monkeypatch, tmp_path: Path, c
     """gensim not installed: exit 2 and one line saying how to install the data."""
     quality = load_script()
     real = importlib.util.find_spec
-    monkeypatch.setattr(quality.importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real(name, *a))
+    monkeypatch.setattr(
+        quality.importlib.util, "find_spec", lambda name, *a: None if name == "gensim" else real(name, *a)
+    )
     assert quality.main(["--quick", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install" in err and "gensim" in err
