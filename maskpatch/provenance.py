@@ -88,6 +88,7 @@ class _State:
         # (class, attribute, original as found in the class __dict__) for each wrapped method.
         self.saving: list[tuple[type, str, Any]] = []
         self.loading: list[tuple[type, str, Any]] = []
+        self.missing: set[tuple[type, str]] = set()
         self.guard_requested = False
         self.hook_registered = False
         self.local = threading.local()
@@ -173,7 +174,17 @@ def _peft_model_class() -> type | None:
 
 
 def _wrap(cls: type, name: str, wrapper: Any, into: list[tuple[type, str, Any]]) -> None:
-    original = cls.__dict__[name]
+    original = cls.__dict__.get(name)
+    if original is None:  # a peft that moved the method: say so once, never fail an apply or an import
+        if (cls, name) not in _STATE.missing:
+            _STATE.missing.add((cls, name))
+            warnings.warn(
+                f"maskpatch cannot record or check the policy of saved prompts: expected {cls.__name__}.{name} "
+                "to be defined on the class, but it is not",
+                MaskpatchWarning,
+                stacklevel=2,
+            )
+        return
     setattr(cls, name, wrapt.FunctionWrapper(original, wrapper))
     into.append((cls, name, original))
 

@@ -83,6 +83,20 @@ def test_patched_save_adds_sidecar_and_leaves_adapter_files_byte_identical(promp
     assert json.loads((tmp_path / "st" / SIDECAR).read_text())["policy"] == "strip"
 
 
+def test_a_second_prompt_adapter_gets_its_sidecar_in_its_own_directory(prompt_model, tmp_path: Path):
+    """PEFT saves a non-default adapter in DIR/<name>/; its maskpatch.json sits there, naming it."""
+    from peft import PromptTuningConfig, TaskType
+
+    pm = prompt_model[0].model
+    pm.add_adapter("second", PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=M + 2))
+    with maskpatch.patched(prompt_model, policy="ignore"):
+        pm.save_pretrained(str(tmp_path / "both"))
+    first = json.loads((tmp_path / "both" / SIDECAR).read_text())
+    second = json.loads((tmp_path / "both" / "second" / SIDECAR).read_text())
+    assert (first["adapter_name"], first["num_virtual_tokens"]) == ("default", M)
+    assert (second["adapter_name"], second["num_virtual_tokens"], second["policy"]) == ("second", M + 2, "ignore")
+
+
 def test_remove_restores_save_pretrained_exactly_and_later_saves_write_no_sidecar(prompt_model, tmp_path: Path):
     """``PeftModel.__dict__['save_pretrained']`` is the original object after remove(); no sidecar afterwards."""
     from peft import PeftModel
