@@ -17,6 +17,9 @@ Invariants protected here:
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -97,16 +100,51 @@ def test_a_second_prompt_adapter_gets_its_sidecar_in_its_own_directory(prompt_mo
     assert (second["adapter_name"], second["num_virtual_tokens"], second["policy"]) == ("second", M + 2, "ignore")
 
 
-def test_remove_restores_save_pretrained_exactly_and_later_saves_write_no_sidecar(prompt_model, tmp_path: Path):
-    """``PeftModel.__dict__['save_pretrained']`` is the original object after remove(); no sidecar afterwards."""
-    from peft import PeftModel
+REMOVE_PROBE = """
+import json, sys, warnings
+sys.path.insert(0, sys.argv[1])
+warnings.simplefilter("ignore")
+import torch
+torch.set_num_threads(1)
+import maskpatch
+from peft import PeftModel
+from tests.helpers import add_prompt_learning, st_model
 
-    before = PeftModel.__dict__["save_pretrained"]
-    handle = maskpatch.apply(prompt_model, policy="extend")
-    assert PeftModel.__dict__["save_pretrained"] is not before
-    handle.remove()
-    assert PeftModel.__dict__["save_pretrained"] is before
-    prompt_model[0].model.save_pretrained(str(tmp_path / "after"))
+model = add_prompt_learning(st_model(sys.argv[2]), m=4)
+before = PeftModel.__dict__["save_pretrained"]
+out = {"plain_function": type(before).__name__ == "function"}
+handle = maskpatch.apply(model, policy="extend")
+out["wrapped_while_patched"] = PeftModel.__dict__["save_pretrained"] is not before
+handle.remove()
+out["same_object_after_remove"] = PeftModel.__dict__["save_pretrained"] is before
+with maskpatch.patched(model, policy="ignore"):
+    pass
+out["same_object_after_patched_block"] = PeftModel.__dict__["save_pretrained"] is before
+model[0].model.save_pretrained(sys.argv[3])
+print(json.dumps(out))
+"""
+
+
+def test_remove_restores_save_pretrained_exactly_and_later_saves_write_no_sidecar(tiny_model_dir, tmp_path: Path):
+    """In a fresh interpreter (no other patched model alive): the very same ``save_pretrained`` after remove().
+
+    The wrapper stays while any patched model lives, so this runs where the test's model is the only one.
+    """
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    for name in ("MASKPATCH_AUTO", "MASKPATCH_POLICY", "MASKPATCH_STRICT", "MASKPATCH_DISABLED_ADAPTERS"):
+        env.pop(name, None)
+    command = [sys.executable, "-c", REMOVE_PROBE, str(root), tiny_model_dir("bert"), str(tmp_path / "after")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {
+        "plain_function": True,
+        "wrapped_while_patched": True,
+        "same_object_after_remove": True,
+        "same_object_after_patched_block": True,
+    }
+    assert (tmp_path / "after" / "adapter_config.json").exists()
     assert not (tmp_path / "after" / SIDECAR).exists()
 
 
