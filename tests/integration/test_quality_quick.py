@@ -96,3 +96,17 @@ def test_quality_says_how_to_install_missing_data(monkeypatch, tmp_path: Path, c
     assert quality.main(["--quick", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install" in err and "gensim" in err
+
+
+def test_render_rewrites_table_and_figure_of_the_committed_results(tmp_path: Path):
+    """``--render docs/assets/cost/results.json``: the table the docs page shows, and a PNG, without training."""
+    quality = load_script()
+    source = ROOT / "docs" / "assets" / "cost" / "results.json"
+    assert quality.main(["--render", str(source), "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "results.md").read_text()
+    page = (ROOT / "docs" / "cost.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 8 |")]
+    # scores: 4 trained x 4 served; loss: the unpatched prompt served 4 ways, each patched one 2 ways
+    assert len(rows) == 4 * 4 + (4 + 3 * 2)
+    assert all(row in page for row in rows), "docs/cost.md does not show the numbers of its results.json"
+    assert (tmp_path / "quality.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
