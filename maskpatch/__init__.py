@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "MaskpatchError": ".errors",
     "MaskpatchWarning": ".errors",
     "PolicyError": ".errors",
+    "SidecarError": ".errors",
     "UnknownAdapterError": ".errors",
     "UnsupportedModelError": ".errors",
     "UnsupportedVersionError": ".errors",
@@ -74,6 +75,7 @@ __all__ = [
     "PatchHandle",
     "Policy",
     "PolicyError",
+    "SidecarError",
     "UnknownAdapterError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
@@ -112,6 +114,7 @@ if TYPE_CHECKING:
         MaskpatchError,
         MaskpatchWarning,
         PolicyError,
+        SidecarError,
         UnknownAdapterError,
         UnsupportedModelError,
         UnsupportedVersionError,
@@ -127,6 +130,7 @@ def __getattr__(name: str) -> Any:
 
     module = _EXPORTS.get(name)
     if module is not None:
+        _guard_loads()
         value = getattr(importlib.import_module(module, __name__), name)
         globals()[name] = value  # later lookups no longer reach __getattr__
         return value
@@ -141,6 +145,23 @@ def __getattr__(name: str) -> Any:
         )
         return importlib.import_module(moved, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _guard_loads() -> None:
+    """Once maskpatch is used, loading an adapter saved under a policy into a model not patched with it warns.
+
+    Not at ``import maskpatch``: that runs at interpreter start under auto-enable, which must not
+    import torch or wrapt (auto-enable guards loads itself). See :mod:`maskpatch.provenance`.
+    """
+    global _guarded
+    if not _guarded:
+        _guarded = True
+        from . import provenance
+
+        provenance.guard_loads()
+
+
+_guarded = False
 
 
 def __dir__() -> list[str]:

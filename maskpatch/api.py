@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from . import provenance
 from .adapters.generic import PrependedTokensAdapter, check_same_count, validate_count
 from .adapters.hosts import apply_host, host_adapter, is_host_patched, patched_host, remove_host
 from .drift import Policy, validate_policy
@@ -240,6 +241,8 @@ def _install(
         check_requirements(adapter)
     record = InstallRecord(policy, adapter.name, pinned=pinned, root=model, strict=strict)
     install(adapter.plan(model, record))
+    # A prompt saved from this model records the policy it was trained with (maskpatch.provenance).
+    provenance.track(model)
     return PatchHandle(model, record)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "MaskpatchWarning",
     "PolicyError",
     "UnknownAdapterError",
+    "SidecarError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
 ]
@@ -73,6 +74,10 @@ class UnknownAdapterError(MaskpatchError, KeyError):
     def __str__(self) -> str:
         # KeyError would quote the message as the repr of a key; it is a sentence here.
         return str(self.args[0]) if self.args else ""
+
+
+class SidecarError(MaskpatchError, ValueError):
+    """A ``maskpatch.json`` beside an adapter that this version cannot read (see :mod:`maskpatch.provenance`)."""
 
 
 class MaskpatchWarning(UserWarning):

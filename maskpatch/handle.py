@@ -85,6 +85,10 @@ def _remove_install(record: InstallRecord, scope: nn.Module | None) -> int:
                     getattr(module, name).pop(key, None)
                 removed += 1
     record.release()
+    if removed:
+        from .provenance import untrack_unpatched  # imported here: provenance imports this module
+
+        untrack_unpatched()
     return removed
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import wrapt
 from torch import nn
 
-from .. import api
+from .. import api, provenance
 from ..adapters.hosts import HostAdapter, host_adapter
 from ..auditing import AuditReport, audit, is_audited
 from ..drift import Policy, validate_policy
@@ -132,6 +132,8 @@ def enable(
             wrapt.register_post_import_hook(instrument_module, name)
         elif name in sys.modules:  # enabled again after disable(): the hooks have fired already
             instrument_module(sys.modules[name])
+    # A prompt saved under a policy is loaded under that policy (maskpatch.provenance).
+    provenance.guard_loads()
     _log.debug("maskpatch auto-enable on: %s", config)
     return config
 

@@ -11,7 +11,9 @@ batch of a short and a long text. It reports:
 * what happens today, unpatched: a crash, or how far the short text's output moves when it is
   padded in a batch;
 * for each policy: the same batch-invariance numbers (cosine and max abs diff) with maskpatch,
-  and every known limit (:mod:`maskpatch.limits`) the probe ran into, with what to do.
+  and every known limit (:mod:`maskpatch.limits`) the probe ran into, with what to do;
+* the policy the adapter was trained with, when a ``maskpatch.json`` sidecar lies beside it (the
+  adapter directory, or the model directory without ``--adapter``; see :mod:`maskpatch.provenance`).
 
 Exit status: 0 when the model is healthy (no drift) or repairable (every policy batch invariant),
 1 when the drift cannot be explained, a policy does not repair it or runs into a known limit, 2 when the model or adapter
@@ -102,6 +104,9 @@ class Report:
     policies: list[PolicyResult] = field(default_factory=list)
     healthy: bool = False
     verdict: str = ""
+    #: What the adapter's ``maskpatch.json`` records (None without one), or why it cannot be read.
+    trained_with: dict[str, Any] | None = None
+    trained_with_error: str | None = None
 
 
 def diagnose(
@@ -128,7 +133,20 @@ def diagnose(
     report = Report(str(model_dir), None if adapter_dir is None else str(adapter_dir), model_type, drift, unpatched)
     report.policies = results
     report.healthy, report.verdict = verdict(drift, results)
+    report.trained_with, report.trained_with_error = _trained_with(Path(adapter_dir or model_dir))
     return report
+
+
+def _trained_with(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Read the ``maskpatch.json`` sidecar in ``directory``: (its fields or None, an error or None)."""
+    from ..errors import SidecarError
+    from ..provenance import read_sidecar
+
+    try:
+        trained = read_sidecar(directory)
+    except SidecarError as exc:
+        return None, str(exc)
+    return (None if trained is None else asdict(trained)), None
 
 
 def verdict(drift: Drift, results: Sequence[PolicyResult]) -> tuple[bool, str]:
@@ -306,6 +324,7 @@ def format_report(report: Report) -> str:
         lines.append(f"  adapter dir:    {report.adapter_dir}")
     adapter = "none" if d.adapter is None else f"{d.adapter!r} ({d.peft_type}, {d.num_virtual_tokens} virtual tokens)"
     lines.append(f"  active adapter: {adapter}")
+    lines.extend(_format_trained_with(report))
     if d.positions is None:
         lines.append(f"  probe:          mask N={d.n}; {d.output_key!r} has no per-position axis")
     else:
@@ -316,6 +335,17 @@ def format_report(report: Report) -> str:
         lines.extend(f"      known limit: {message}" for message in result.limits)
     lines.append(("ok: " if report.healthy else "problem: ") + report.verdict)
     return "\n".join(lines)
+
+
+def _format_trained_with(report: Report) -> list[str]:
+    if report.trained_with_error is not None:
+        return [f"  trained with:   unreadable sidecar: {report.trained_with_error}"]
+    if report.trained_with is None:
+        return []
+    policy = report.trained_with["policy"]
+    version = report.trained_with["maskpatch_version"]
+    line = f"  trained with:   maskpatch policy {policy!r} (maskpatch.json, maskpatch {version}); "
+    return [line + f"serve it with maskpatch.apply(model, policy={policy!r})"]
 
 
 def _format_result(result: PolicyResult) -> str:

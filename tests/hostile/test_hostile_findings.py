@@ -32,7 +32,7 @@ from helpers import add_prompt_learning, assert_no_residue, encode, residue_snap
 from torch import Tensor, nn
 
 import maskpatch
-from maskpatch import constants
+from maskpatch.auto import constants
 from maskpatch.adapters import peft as peft_adapter
 from maskpatch.adapters.peft import PeftCallHook
 from maskpatch.hooks import InstallRecord

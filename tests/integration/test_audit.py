@@ -254,7 +254,7 @@ def test_observers_dispatch_no_tensor_op(tiny_bert):
 
 def test_auto_setting_audit_is_read_as_audit_mode():
     """MASKPATCH_AUTO=audit (any case) turns auto-enable on in audit mode; a misspelling is a problem naming 'audit'."""
-    from maskpatch import constants
+    from maskpatch.auto import constants
 
     settings = constants.read_settings({"MASKPATCH_AUTO": " Audit ", "MASKPATCH_POLICY": "strip"})
     assert settings.enabled and settings.audit and settings.patching and not settings.problems
