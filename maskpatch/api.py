@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .adapters.generic import PrependedTokensAdapter, check_same_count, validate_count
+from .compat.versions import check_environment
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
 from .handle import LOCK as _LOCK
@@ -148,6 +149,8 @@ def _adapter_for(model: nn.Module, prepended: int | None) -> Adapter:
 def _install(
     model: nn.Module, policy: Policy, *, pinned: bool, check_versions: bool, prepended: int | None = None
 ) -> PatchHandle:
+    if check_versions:  # before anything version-specific of the upstream libraries is imported
+        check_environment()
     adapter = _adapter_for(model, prepended)
     if check_versions:
         check_requirements(adapter)

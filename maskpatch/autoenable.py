@@ -44,6 +44,7 @@ import wrapt
 from torch import nn
 
 from . import api
+from .compat.st_modules import st_model_classes
 from .constants import INSTRUMENTED_MODULES, parse_adapter_list
 from .drift import Policy, validate_policy
 from .errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
@@ -178,9 +179,7 @@ def _constructors(library: str) -> Iterator[type]:
     library that is still being imported could break its own import.
     """
     if library == "sentence_transformers":
-        base = getattr(sys.modules.get("sentence_transformers.base.model"), "BaseModel", None)
-        if isinstance(base, type):
-            yield base
+        yield from st_model_classes()  # BaseModel from 5.4; SentenceTransformer and CrossEncoder before
     elif library == "peft":
         peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
         if isinstance(peft_model, type):

@@ -45,6 +45,7 @@ from typing import Any
 import wrapt
 from torch import Tensor, nn
 
+from ..compat.versions import SUPPORTED
 from ..conventions import MaskConvention
 from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
@@ -97,7 +98,7 @@ class PeftAdapter:
     """Patches a ``peft.PeftModel`` that the user calls directly (see the module docstring)."""
 
     name = "peft"
-    requires = {"peft": ">=0.21,<0.22", "transformers": ">=5,<6", "torch": ">=2.4"}
+    requires = {dist: SUPPORTED[dist] for dist in ("peft", "transformers", "torch")}
     optional: dict[str, str] = {}
 
     def matches(self, model: object) -> bool:
