@@ -85,8 +85,12 @@ def in_range(version: str, spec: str) -> bool:
     return SpecifierSet(spec).contains(Version(parsed.public), prereleases=True)
 
 
-def out_of_range(dists: Iterable[str], *, lookup: VersionLookup = installed_version) -> list[str]:
-    """Return one sentence per problem among ``dists`` (not installed libraries are skipped)."""
+def out_of_range(dists: Iterable[str], *, lookup: VersionLookup | None = None) -> list[str]:
+    """Return one sentence per problem among ``dists`` (not installed libraries are skipped).
+
+    ``lookup`` maps a distribution to its version (default: :func:`installed_version`).
+    """
+    lookup = installed_version if lookup is None else lookup
     wanted = list(dict.fromkeys(dists))
     found = {dist: lookup(dist) for dist in set(wanted) | {r.other for r in PAIR_RULES}}
     problems = [
@@ -101,7 +105,7 @@ def out_of_range(dists: Iterable[str], *, lookup: VersionLookup = installed_vers
     return problems
 
 
-def check_environment(*, lookup: VersionLookup = installed_version, modules: Mapping[str, object] | None = None) -> None:
+def check_environment(*, lookup: VersionLookup | None = None, modules: Mapping[str, object] | None = None) -> None:
     """Raise one :class:`UnsupportedVersionError` naming every imported library out of its supported range.
 
     Only libraries already imported (in ``sys.modules``) are checked: a model can only come from

@@ -211,9 +211,10 @@ def test_peft_model_called_directly_gives_the_hand_reference(minilm_dir, policy)
     if policy == "strip":
         expected, real = expected[:, M:], real[:, M:]
     assert out.shape == expected.shape
-    torch.testing.assert_close(out[real], expected[real], atol=ATOL, rtol=0)
+    # Raw hidden states reach ~10 in magnitude: compare them relatively (1e-5) too.
+    torch.testing.assert_close(out[real], expected[real], atol=ATOL, rtol=1e-5)
     n0 = alone.last_hidden_state.shape[1]
-    torch.testing.assert_close(alone.last_hidden_state[0], out[0, :n0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(alone.last_hidden_state[0], out[0, :n0], atol=ATOL, rtol=1e-5)
     prefix = {"extend": 1, "ignore": 0}.get(policy)
     want = mask if prefix is None else torch.cat([torch.full((3, M), prefix, dtype=mask.dtype), mask], dim=1)
     assert torch.equal(lined_up, want)
