@@ -112,3 +112,32 @@ def test_caller_mask_refuses_an_extension_of_another_width():
     ids = torch.tensor([[5, 6, 7]])
     with pytest.raises(DriftError, match="attention_mask has 6 columns but input_ids 3"):
         caller_mask(torch.ones(1, 6, dtype=torch.long), ids, _inner(2), where="Transformer output")
+
+
+def test_doctor_env_reports_the_installed_versions_as_json(capsys):
+    """maskpatch doctor --env: the versions package metadata gives, and exit 0 on a supported stack."""
+    import importlib.metadata
+    import json
+
+    from maskpatch import doctor
+
+    assert doctor.main(["--env", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for dist in ("torch", "transformers", "sentence-transformers", "peft"):
+        assert report["versions"][dist] == importlib.metadata.version(dist)
+    assert report["supported"] is True and report["out_of_range"] == []
+
+
+def test_doctor_env_names_what_is_out_of_range_and_the_known_problems(monkeypatch, capsys):
+    """An old stack: exit 1, each out-of-range library named, and the problems of its releases listed."""
+    from maskpatch import doctor, doctor_env
+
+    fake = {"torch": "2.13.0", "transformers": "4.40.0", "sentence-transformers": "3.1.0", "peft": "0.17.1"}
+    monkeypatch.setattr(doctor_env, "installed_version", fake.get)
+    monkeypatch.setattr(versions, "installed_version", fake.get)
+    assert doctor.main(["--env"]) == 1
+    out = capsys.readouterr().out
+    assert "transformers           4.40.0         OUT OF RANGE (supported: transformers>=4.46,<6)" in out
+    assert "not a tested row" in out
+    assert "sentence-transformers <3.3: unpatched, Pooling crashes" in out
+    assert "peft <0.18: peft keeps no _adapters_disabled flag" in out
