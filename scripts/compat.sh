@@ -32,6 +32,7 @@ want=$(echo "$spec" | sha256sum | cut -d" " -f1)
 if [ "$row" = newest ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
   echo "compat.sh: installing row $row: torch==2.13.0 $spec" >&2
+  "$venv/bin/python" -m pip install --quiet --upgrade pip  # the suite uses `pip --python`
   # torch first and pinned, so that nothing pulls a CUDA build.
   "$venv/bin/python" -m pip install --quiet torch==2.13.0
   upgrade=(); [ "$row" = newest ] && upgrade=(--upgrade --upgrade-strategy eager)
@@ -51,4 +52,4 @@ unset MASKPATCH_AUTO MASKPATCH_POLICY MASKPATCH_STRICT MASKPATCH_DISABLED_ADAPTE
 if [ $# -eq 0 ]; then
   if [ "$row" = newest ]; then set -- -q; else set -- -q -m compat; fi
 fi
-PYTHONPATH=$PWD exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -21,11 +21,23 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from torch import Tensor
 
 import maskpatch
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*")]
+
+# transformers 5.24 renamed generate's cache keyword (past_key_values -> cache), which maskpatch's
+# position hook and peft 0.21.2's prepare_inputs_for_generation do not know yet. Engineer i9b's
+# fix (issue 9, item 2) makes these pass: remove this mark when it is merged (strict, so an
+# unexpected pass fails the run and says so).
+_GENERATE_CACHE_RENAMED = pytest.mark.xfail(
+    Version(transformers.__version__).release >= (5, 24),
+    reason="transformers>=5.24 renamed generate's past_key_values to cache; fixed by i9b (issue 9 item 2)",
+    strict=True,
+)
 
 M = 4
 POLICIES = ("extend", "ignore", "strip")
@@ -149,6 +161,7 @@ def _step_diff(a, b) -> float:
     return max((x[0] - y[0]).abs().max().item() for x, y in zip(a.logits, b.logits, strict=True))
 
 
+@_GENERATE_CACHE_RENAMED
 @pytest.mark.parametrize("policy", ["extend", "strip"])
 def test_generate_with_left_padding_is_batch_invariant(pm, policy):
     """Every generate step's logits for a text alone equal those in a left-padded batch; same tokens as by hand."""
@@ -265,6 +278,7 @@ def test_prefix_tuning_and_disabled_adapter_are_unchanged(policy):
     assert torch.equal(disabled_after, disabled_before)
 
 
+@_GENERATE_CACHE_RENAMED
 @pytest.mark.parametrize("policy", ["strip"])
 def test_ptuning_generate_is_batch_invariant(policy):
     """P-tuning (a prompt encoder MLP) gets the same position fix in generate."""
