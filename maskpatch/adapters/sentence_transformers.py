@@ -129,10 +129,9 @@ class TransformerOutputHook(MaskpatchHook):
         if not (isinstance(tokens, Tensor) and isinstance(given, Tensor)) or tokens.dim() != 3 or given.dim() != 2:
             return None
         inner = inner_model(module)
-        where = f"{type(module).__name__} output {key!r} has {tokens.shape[1]} positions"
         mask = given
         if st_extends_mask_inline():  # measure against the caller's mask, not sentence-transformers' extension
-            mask = caller_mask(given, output.get("input_ids"), inner, where=where)
+            mask = caller_mask(given, output.get("input_ids"), inner, where=f"{type(module).__name__} output")
         features = output
         if mask is not given:
             features = copy_features(output)
@@ -143,7 +142,10 @@ class TransformerOutputHook(MaskpatchHook):
             # reranker's logits_to_keep), which PEFT's prefix does not shift.
             return None if features is output else features
         layout = active_layout(inner)
-        where = f"{where} but attention_mask has {mask.shape[1]}"
+        where = (
+            f"{type(module).__name__} output {key!r} has {tokens.shape[1]} positions but "
+            f"attention_mask has {mask.shape[1]}"
+        )
         m = check_excess(observed, layout.num_virtual_tokens, where=where, adapter=layout.adapter)
         return repair_features(features, key, m, self.record.policy)
 
