@@ -66,9 +66,14 @@ def format_env_report(report: EnvReport) -> str:
     """Return ``report`` as the text ``maskpatch doctor --env`` prints."""
     lines = [f"maskpatch {report.maskpatch} on Python {report.python}", ""]
     for dist, version in report.versions.items():
-        state = "not installed" if version is None else (
-            f"supported ({dist}{SUPPORTED[dist]})" if in_range(version, SUPPORTED[dist]) else
-            f"OUT OF RANGE (supported: {dist}{SUPPORTED[dist]})"
+        state = (
+            "not installed"
+            if version is None
+            else (
+                f"supported ({dist}{SUPPORTED[dist]})"
+                if in_range(version, SUPPORTED[dist])
+                else f"OUT OF RANGE (supported: {dist}{SUPPORTED[dist]})"
+            )
         )
         lines.append(f"  {dist:<22} {version or '-':<14} {state}")
     lines.append("")
@@ -79,7 +84,9 @@ def format_env_report(report: EnvReport) -> str:
     for problem in report.out_of_range:
         lines.append(f"out of range: {problem}")
     lines.append("")
-    lines.append("known upstream problems of this combination:" if report.known_problems else "no known upstream problems")
+    lines.append(
+        "known upstream problems of this combination:" if report.known_problems else "no known upstream problems"
+    )
     lines.extend(f"  - {text}" for text in report.known_problems)
     return "\n".join(lines)
 
@@ -90,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = environment_report()
-    print(json.dumps({**asdict(report), "supported": report.supported}, indent=2) if args.json
-          else format_env_report(report))
+    print(
+        json.dumps({**asdict(report), "supported": report.supported}, indent=2)
+        if args.json
+        else format_env_report(report)
+    )
     return 0 if report.supported else 1

@@ -61,7 +61,11 @@ class PairRule:
 #: Constraints between two libraries that neither one's package metadata enforces.
 PAIR_RULES: tuple[PairRule, ...] = (
     PairRule(
-        "transformers", ">=5", "torch", ">=2.6", "transformers 5 disables PyTorch older than 2.6 (it then has no models)"
+        "transformers",
+        ">=5",
+        "torch",
+        ">=2.6",
+        "transformers 5 disables PyTorch older than 2.6 (it then has no models)",
     ),
 )
 
@@ -101,7 +105,9 @@ def out_of_range(dists: Iterable[str], *, lookup: VersionLookup | None = None) -
     for rule in PAIR_RULES:
         mine, other = found.get(rule.dist), found.get(rule.other)
         if rule.dist in wanted and mine and other and in_range(mine, rule.when) and not in_range(other, rule.needs):
-            problems.append(f"{rule.other}=={other} with {rule.dist}=={mine} (needs {rule.other}{rule.needs}: {rule.why})")
+            problems.append(
+                f"{rule.other}=={other} with {rule.dist}=={mine} (needs {rule.other}{rule.needs}: {rule.why})"
+            )
     return problems
 
 

@@ -54,17 +54,27 @@ def test_only_imported_libraries_are_checked():
 def test_transformers_5_with_torch_older_than_2_6_is_refused():
     installed = {"torch": "2.5.1", "transformers": "5.23.0"}
     problems = versions.out_of_range(["torch", "transformers"], lookup=installed.get)
-    assert problems == [
+    expected = (
         "torch==2.5.1 with transformers==5.23.0 (needs torch>=2.6: transformers 5 disables PyTorch older "
         "than 2.6 (it then has no models))"
-    ]
-    assert versions.out_of_range(["torch", "transformers"], lookup={"torch": "2.5.1", "transformers": "4.57.6"}.get) == []
+    )
+    assert problems == [expected]
+    assert (
+        versions.out_of_range(["torch", "transformers"], lookup={"torch": "2.5.1", "transformers": "4.57.6"}.get) == []
+    )
 
 
 @pytest.mark.parametrize(
     ("version", "spec", "expected"),
-    [("2.13.0+cpu", ">=2.4", True), ("5.24.0", ">=4.46,<6", True), ("5.25.0rc1", ">=4.46,<6", True), ("6.0.0rc1", ">=4.46,<6", False),
-     ("0.22.0", ">=0.13,<0.22", False), ("3.0.1", ">=3.0,<7", True), ("not-a-version", ">=1", False)],
+    [
+        ("2.13.0+cpu", ">=2.4", True),
+        ("5.24.0", ">=4.46,<6", True),
+        ("5.25.0rc1", ">=4.46,<6", True),
+        ("6.0.0rc1", ">=4.46,<6", False),
+        ("0.22.0", ">=0.13,<0.22", False),
+        ("3.0.1", ">=3.0,<7", True),
+        ("not-a-version", ">=1", False),
+    ],
 )
 def test_in_range(version, spec, expected):
     assert versions.in_range(version, spec) is expected
