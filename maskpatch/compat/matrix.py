@@ -74,6 +74,13 @@ KNOWN_PROBLEMS: tuple[KnownProblem, ...] = (
         "embeddings pool the padding and depend on the batch; maskpatch repairs it",
     ),
     KnownProblem(
+        "sentence-transformers",
+        "<6.2",
+        "Pooling 'weightedmean' weighs tokens by column index, padding included: left padding is batch "
+        "variant upstream, and under 'ignore' the M masked virtual columns shift the real tokens' weights; "
+        "use 'strip' (or 'extend') with weightedmean on these releases",
+    ),
+    KnownProblem(
         "peft",
         "<0.18",
         "peft keeps no _adapters_disabled flag; maskpatch reads a disabled prompt-learning adapter from the "
