@@ -11,6 +11,7 @@ from torch import nn
 from . import provenance
 from .adapters.generic import PrependedTokensAdapter, check_same_count, validate_count
 from .adapters.hosts import apply_host, host_adapter, is_host_patched, patched_host, remove_host
+from .compat.versions import check_environment
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
 from .handle import LOCK as _LOCK
@@ -236,6 +237,8 @@ def _install(
     prepended: int | None = None,
     strict: bool = False,
 ) -> PatchHandle:
+    if check_versions:  # before anything version-specific of the upstream libraries is imported
+        check_environment()
     adapter = _adapter_for(model, prepended)
     if check_versions:
         check_requirements(adapter)

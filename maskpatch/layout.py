@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from .compat.peft_disabled import adapters_disabled
+
 __all__ = ["VirtualLayout", "active_layout", "is_peft_model"]
 
 # PEFT types that prepend positions to the token sequence. Prefix tuning and Cartridge are
@@ -57,13 +59,13 @@ def active_layout(model: Any) -> VirtualLayout:
     """Return the layout of ``model``'s active adapter now; :data:`NO_LAYOUT` if it adds no positions.
 
     ``model`` may be anything: objects that are not a ``PeftModel`` have no layout. The adapter
-    state (``_adapters_disabled``, ``active_adapter`` and the config object registered under it) is
+    state (whether adapters are disabled, ``active_adapter`` and the config object registered under it) is
     read on every call, so ``set_adapter``, ``add_adapter``, ``delete_adapter`` and
     ``disable_adapter()`` take effect at once; what that config means is computed once per config
     object. PEFT sizes an adapter's prompt when the adapter is added, so a config is not expected
     to change in place afterwards.
     """
-    if not is_peft_model(model) or model._adapters_disabled:
+    if not is_peft_model(model) or adapters_disabled(model):
         return NO_LAYOUT
     adapter = model.active_adapter
     config = model.peft_config[adapter]

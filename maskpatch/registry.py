@@ -15,10 +15,9 @@ import warnings
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 from torch import nn
 
+from .compat.versions import in_range, installed_version
 from .errors import (
     AdapterExistsError,
     InvalidAdapterError,
@@ -228,24 +227,21 @@ def find_adapter(model: object) -> Adapter:
 
 
 def check_requirements(adapter: Adapter) -> None:
-    """Raise :class:`UnsupportedVersionError` unless ``adapter``'s libraries are in range."""
-    for dist, spec in adapter.requires.items():
-        _check(adapter.name, dist, spec, required=True)
-    for dist, spec in adapter.optional.items():
-        _check(adapter.name, dist, spec, required=False)
-
-
-def _check(adapter: str, dist: str, spec: str, *, required: bool) -> None:
-    try:
-        found = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        if required:
-            raise UnsupportedVersionError(
-                f"the {adapter!r} adapter needs {dist}{spec}, but {dist} is not installed"
-            ) from None
-        return
-    if not SpecifierSet(spec).contains(Version(found), prereleases=True):
+    """Raise one :class:`UnsupportedVersionError` naming every library of ``adapter`` out of range or missing."""
+    problems = [_problem(dist, spec, required=True) for dist, spec in adapter.requires.items()]
+    problems += [_problem(dist, spec, required=False) for dist, spec in adapter.optional.items()]
+    found = [p for p in problems if p]
+    if found:
         raise UnsupportedVersionError(
-            f"the {adapter!r} adapter supports {dist}{spec}, but found {dist}=={found}; "
-            "pass check_versions=False to maskpatch.apply to try it anyway"
+            f"the {adapter.name!r} adapter needs " + "; ".join(found) + ". Pass check_versions=False to "
+            "maskpatch.apply to try it anyway"
         )
+
+
+def _problem(dist: str, spec: str, *, required: bool) -> str:
+    found = installed_version(dist)
+    if found is None:
+        return f"{dist}{spec}, but {dist} is not installed" if required else ""
+    if not in_range(found, spec):
+        return f"{dist}{spec}, but found {dist}=={found}"
+    return ""

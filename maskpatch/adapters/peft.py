@@ -54,6 +54,8 @@ import torch.nn.functional as F
 import wrapt
 from torch import Tensor, nn
 
+from ..compat.once import warn_once
+from ..compat.versions import SUPPORTED, installed_version
 from ..conventions import MaskConvention
 from ..drift import Policy, check_excess, prefix_mask, strip_positions
 from ..errors import PolicyError, UnsupportedModelError
@@ -119,7 +121,7 @@ class PeftAdapter:
     """Patches a ``peft.PeftModel`` that the user calls directly (see the module docstring)."""
 
     name = "peft"
-    requires = {"peft": ">=0.21,<0.22", "transformers": ">=5,<6", "torch": ">=2.4"}
+    requires = {dist: SUPPORTED[dist] for dist in ("peft", "transformers", "torch")}
     optional: dict[str, str] = {}
 
     def matches(self, model: object) -> bool:
@@ -614,6 +616,13 @@ def ensure_disable_adapter_wrapper() -> None:
     peft_model = sys.modules.get("peft.peft_model")
     if peft_model is None:
         return
+    if "disable_adapter" not in getattr(peft_model, "PeftModel", object).__dict__:
+        warn_once(
+            "peft-disable-adapter",
+            "maskpatch expected peft.peft_model.PeftModel to define disable_adapter, but it does not (peft "
+            f"{installed_version('peft')}); disable_adapter() on a patched prompt-learning encoder is left unrepaired",
+        )
+        return
     with _WRAPPER_LOCK:
         if getattr(peft_model.PeftModel.__dict__["disable_adapter"], "_self_wrapper", None) is _disable_adapter_wrapper:
             return
@@ -626,7 +635,7 @@ def remove_disable_adapter_wrapper() -> bool:
     if peft_model is None:
         return False
     with _WRAPPER_LOCK:
-        current = peft_model.PeftModel.__dict__["disable_adapter"]
+        current = peft_model.PeftModel.__dict__.get("disable_adapter")
         if getattr(current, "_self_wrapper", None) is not _disable_adapter_wrapper:
             return False
         type.__setattr__(peft_model.PeftModel, "disable_adapter", current.__wrapped__)

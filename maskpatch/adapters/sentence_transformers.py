@@ -10,18 +10,27 @@ token embeddings and the caller's mask together:
   (:class:`maskpatch.hooks.PositionIdsHook`), also for an adapter set after ``apply``;
 * under ``extend``, a pre-hook on ``Pooling(include_prompt=False)`` moves the prompt exclusion
   past the virtual tokens, onto the instruction, and on a ``weightedmean`` ``Pooling`` a pre-hook
-  and a forward hook move the virtual tokens past any left padding for the weights (and back).
+  and a forward hook move the virtual tokens past any left padding for the weights (and back);
+* on sentence-transformers 3.3 - 6.1, which extend the mask inline themselves, a pre-hook hands
+  the ``Transformer`` a copy of the features dict, and the output hook measures the drift against
+  the caller's mask (:mod:`maskpatch.compat.st_inline_mask`).
+
+Where sentence-transformers keeps these classes, and under which attribute the ``Transformer``
+holds its model, differs between releases: :mod:`maskpatch.compat` knows.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..compat.st_inline_mask import caller_mask, st_extends_mask_inline
+from ..compat.st_inner import inner_model, inner_name
+from ..compat.st_modules import st_classes
+from ..compat.versions import SUPPORTED
 from ..drift import check_excess
 from ..errors import DriftError
 from ..features import copy_features, exclude_leading_tokens, repair_features, virtual_after_padding
@@ -41,6 +50,7 @@ from ..limits import PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, repo
 from .st_consumers import consumer_specs
 
 __all__ = [
+    "InlineMaskGuardHook",
     "PoolingPromptHook",
     "SentenceTransformersAdapter",
     "TransformerOutputHook",
@@ -50,39 +60,36 @@ __all__ = [
 ]
 
 
-def _classes() -> tuple[type[nn.Module], type[nn.Module]] | None:
-    if "sentence_transformers" not in sys.modules:
-        return None
-    from sentence_transformers.base.modules.transformer import Transformer
-    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
-
-    return Transformer, Pooling
-
-
 class SentenceTransformersAdapter:
     """Patches every sentence-transformers ``Transformer`` module inside the given model."""
 
     name = "sentence-transformers"
-    requires = {"sentence-transformers": ">=6.2,<7", "transformers": ">=5,<6", "torch": ">=2.4"}
-    optional = {"peft": ">=0.21,<0.22"}
+    requires = {dist: SUPPORTED[dist] for dist in ("sentence-transformers", "transformers", "torch")}
+    optional = {"peft": SUPPORTED["peft"]}
 
     def matches(self, model: object) -> bool:
-        classes = _classes()
+        classes = st_classes()
         if classes is None or not isinstance(model, nn.Module):
             return False
-        return any(isinstance(module, classes[0]) for module in model.modules())
+        return any(isinstance(module, classes.transformer) for module in model.modules())
 
     def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
-        transformer_cls, pooling_cls = _classes()  # type: ignore[misc]  # matches() ran first
+        classes = st_classes()
+        if classes is None:  # matches() ran first, so sentence-transformers cannot have gone since
+            return []
+        inline = st_extends_mask_inline()
         specs: list[HookSpec] = []
         # An install on a part of the model (apply(model[0])) cannot reach the Pooling that follows.
-        sees_pooling = any(isinstance(module, pooling_cls) for module in model.modules())
+        sees_pooling = any(isinstance(module, classes.pooling) for module in model.modules())
         for module in model.modules():
-            if isinstance(module, transformer_cls):
+            if isinstance(module, classes.transformer):
+                inner_name(module)  # raises if the model sits under no known attribute
                 specs.append(HookSpec(module, TransformerPositionHook(record)))
+                if inline:  # 3.3 - 6.1 write their extended mask into the features dict they get
+                    specs.append(HookSpec(module, InlineMaskGuardHook(record)))
                 specs.append(HookSpec(module, TransformerOutputHook(record, sees_pooling=sees_pooling)))
-                specs.extend(_position_specs(getattr(module, "model", None), record))
-            elif isinstance(module, pooling_cls) and record.policy == "extend":
+                specs.extend(_position_specs(inner_model(module), record))
+            elif isinstance(module, classes.pooling) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
                 if _weighted(module):  # after PoolingPromptHook: it orders the mask that hook made
                     specs.append(HookSpec(module, WeightedMeanOrderHook(record)))
@@ -110,7 +117,7 @@ class TransformerPositionHook(MaskpatchHook):
     pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        inner: Any = getattr(module, "model", None)
+        inner = inner_model(module)
         if self.record.removed or not is_peft_model(inner) or has_position_hook(inner.base_model):
             return  # the usual case: nothing to register, and no lock taken
         with LOCK:
@@ -140,15 +147,23 @@ class TransformerOutputHook(MaskpatchHook):
             _refuse_flattened(module)
             return None
         key = getattr(module, "module_output_name", "token_embeddings")
-        tokens, mask = output.get(key), output.get("attention_mask")
-        if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor)) or tokens.dim() != 3 or mask.dim() != 2:
+        tokens, given = output.get(key), output.get("attention_mask")
+        if not (isinstance(tokens, Tensor) and isinstance(given, Tensor)) or tokens.dim() != 3 or given.dim() != 2:
             return None
+        inner = inner_model(module)
+        mask = given
+        if st_extends_mask_inline():  # measure against the caller's mask, not sentence-transformers' extension
+            mask = caller_mask(given, output.get("input_ids"), inner, where=f"{type(module).__name__} output")
+        features = output
+        if mask is not given:
+            features = copy_features(output)
+            features["attention_mask"] = mask
         observed = tokens.shape[1] - mask.shape[1]
         if observed <= 0:
             # Equal: no drift. Shorter: the model kept only its last positions (a causal-LM
             # reranker's logits_to_keep), which PEFT's prefix does not shift.
-            return None
-        layout = active_layout(getattr(module, "model", None))
+            return None if features is output else features
+        layout = active_layout(inner)
         where = (
             f"{type(module).__name__} output {key!r} has {tokens.shape[1]} positions but "
             f"attention_mask has {mask.shape[1]}"
@@ -163,11 +178,28 @@ class TransformerOutputHook(MaskpatchHook):
                 "instead of the instruction",
                 stacklevel=2,
             )
-        return repair_features(output, key, m, self.record.policy)
+        return repair_features(features, key, m, self.record.policy)
+
+
+class InlineMaskGuardHook(MaskpatchHook):
+    """Pre-hook on ``Transformer`` (sentence-transformers 3.3 - 6.1): a copy of the features dict.
+
+    Those releases write their inline-extended ``attention_mask`` into the dict they are given;
+    handing them a shallow copy keeps the caller's dict as it was, so the same features forwarded
+    twice give the same result twice (see :mod:`maskpatch.compat.st_inline_mask`).
+    """
+
+    pre = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        features = args[0] if args else None
+        if not isinstance(features, MutableMapping):
+            return None
+        return (copy_features(features), *args[1:]), kwargs
 
 
 def _refuse_flattened(module: nn.Module) -> None:
-    layout = active_layout(getattr(module, "model", None))
+    layout = active_layout(inner_model(module))
     if layout.adds_positions:
         raise DriftError(
             f"{type(module).__name__} packed the batch into one row (flash-attention unpadding), but the active "

@@ -20,12 +20,12 @@ does not, and ``strip`` has cut them already.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import MutableMapping
 from typing import Any
 
 from torch import Tensor, nn
 
+from ..compat.st_modules import multi_vector_mask_class
 from ..drift import prefix_mask
 from ..features import copy_features
 from ..handle import HookSpec
@@ -34,21 +34,13 @@ from ..hooks import InstallRecord, MaskpatchHook
 __all__ = ["ScoringMaskInputHook", "ScoringMaskOutputHook", "consumer_specs"]
 
 
-def _multi_vector_mask_class() -> type[nn.Module] | None:
-    if "sentence_transformers" not in sys.modules:
-        return None
-    from sentence_transformers.multi_vector_encoder.modules.multi_vector_mask import MultiVectorMask
-
-    return MultiVectorMask
-
-
 def consumer_specs(module: nn.Module, record: InstallRecord) -> list[HookSpec]:
     """Return the extra hooks ``module`` needs under ``record.policy`` (none for most modules).
 
     Called by :class:`~maskpatch.adapters.sentence_transformers.SentenceTransformersAdapter` for
     every module of the model; does not change ``module``.
     """
-    scoring_mask = _multi_vector_mask_class()
+    scoring_mask = multi_vector_mask_class()  # None before sentence-transformers 5.8
     if scoring_mask is not None and isinstance(module, scoring_mask) and record.policy != "strip":
         return [HookSpec(module, ScoringMaskInputHook(record)), HookSpec(module, ScoringMaskOutputHook(record))]
     return []

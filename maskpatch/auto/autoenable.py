@@ -49,6 +49,7 @@ from torch import nn
 from .. import api, provenance
 from ..adapters.hosts import HostAdapter, host_adapter
 from ..auditing import AuditReport, audit, is_audited
+from ..compat.st_modules import st_model_classes
 from ..drift import Policy, validate_policy
 from ..errors import MaskpatchError, MaskpatchWarning, PolicyError, UnsupportedModelError
 from ..handle import iter_hooks, remove_hooks
@@ -204,9 +205,7 @@ def _constructors(library: str) -> Iterator[type]:
     library that is still being imported could break its own import.
     """
     if library == "sentence_transformers":
-        base = getattr(sys.modules.get("sentence_transformers.base.model"), "BaseModel", None)
-        if isinstance(base, type):
-            yield base
+        yield from st_model_classes()  # BaseModel from 5.4; SentenceTransformer and CrossEncoder before
     elif library == "peft":
         peft_model = getattr(sys.modules.get("peft.peft_model"), "PeftModel", None)
         if isinstance(peft_model, type):

@@ -374,11 +374,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of the probe, run the model's own inference API on these texts (one batch) in audit mode "
         "and report every place a token-level output and its mask disagree",
     )
+    # Handled in main() before parsing (no MODEL_DIR needed); listed here for --help.
+    parser.add_argument("--env", action="store_true", help="report the installed versions instead (no MODEL_DIR)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``maskpatch doctor``; return 0 (healthy or repairable), 1 (a problem) or 2 (cannot load)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--env" in argv:  # the environment report needs no model: maskpatch.doctor_env
+        from .doctor_env import main as env_main
+
+        return env_main([arg for arg in argv if arg != "--env"])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help and usage errors

@@ -168,12 +168,12 @@ def test_out_of_range_version_raises_and_check_versions_false_bypasses(model, mo
     check_versions=False patches anyway."""
     real = importlib.metadata.version
     monkeypatch.setattr(
-        importlib.metadata, "version", lambda dist: "5.0.0" if dist == "sentence-transformers" else real(dist)
+        importlib.metadata, "version", lambda dist: "2.7.0" if dist == "sentence-transformers" else real(dist)
     )
     with pytest.raises(UnsupportedVersionError) as info:
         maskpatch.apply(model)
     message = str(info.value)
-    assert "sentence-transformers>=6.2,<7" in message and "sentence-transformers==5.0.0" in message
+    assert "sentence-transformers>=3.0,<7" in message and "sentence-transformers==2.7.0" in message
     assert "check_versions=False" in message
     assert not maskpatch.is_patched(model)
     handle = maskpatch.apply(model, check_versions=False)
