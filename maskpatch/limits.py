@@ -37,6 +37,7 @@ from .positions import PositionScheme, position_scheme
 __all__ = [
     "LEFT_PADDING",
     "LIMITS",
+    "INLINE_WEIGHTEDMEAN",
     "PART_MODEL_POOLING",
     "SLIDING_WINDOW",
     "Limit",
@@ -68,7 +69,11 @@ PART_MODEL_POOLING = Limit(
     "part-model-pooling",
     "patch the whole model (maskpatch.apply(model), not apply(model[0])) so that maskpatch reaches its Pooling",
 )
-LIMITS = (LEFT_PADDING, SLIDING_WINDOW, PART_MODEL_POOLING)
+INLINE_WEIGHTEDMEAN = Limit(
+    "inline-weightedmean",
+    "use policy='strip' (it gives the reference there) or sentence-transformers >= 6.2",
+)
+LIMITS = (LEFT_PADDING, SLIDING_WINDOW, PART_MODEL_POOLING, INLINE_WEIGHTEDMEAN)
 
 
 def report(record: InstallRecord, limit: Limit, case: str, *, stacklevel: int = 3) -> None:

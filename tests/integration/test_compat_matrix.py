@@ -218,3 +218,32 @@ def test_peft_model_called_directly_gives_the_hand_reference(minilm_dir, policy)
     prefix = {"extend": 1, "ignore": 0}.get(policy)
     want = mask if prefix is None else torch.cat([torch.full((3, M), prefix, dtype=mask.dtype), mask], dim=1)
     assert torch.equal(lined_up, want)
+
+
+def test_weightedmean_under_ignore_warns_where_sentence_transformers_weighs_by_column(minilm_dir):
+    """No silent limit: on sentence-transformers < 6.2 weightedmean + ignore warns at apply (strict raises).
+
+    Those releases weigh weightedmean by column index, so the M excluded virtual columns shift
+    every real token's weight; from 6.2 on the weights follow the mask and nothing is reported.
+    """
+    import importlib.metadata
+
+    from packaging.version import Version
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+
+    model = _st(minilm_dir)
+    pooled = SentenceTransformer(
+        modules=[model[0], st_models.Pooling(model[0].get_word_embedding_dimension(), "weightedmean")], device="cpu"
+    )
+    old = Version(importlib.metadata.version("sentence-transformers")).release < (6, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = maskpatch.apply(pooled, policy="ignore")
+    handle.remove()
+    reported = [w for w in caught if "inline-weightedmean" in str(w.message)]
+    assert len(reported) == (1 if old else 0)
+    if old:
+        with pytest.raises(maskpatch.KnownLimitError, match="inline-weightedmean"):
+            maskpatch.apply(pooled, policy="ignore", strict=True)
+        assert not maskpatch.is_patched(pooled)
