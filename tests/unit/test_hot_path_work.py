@@ -23,14 +23,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TEXTS
-from helpers import add_prompt_learning, encode, st_model
 
 import maskpatch
 import maskpatch.hooks
 from maskpatch import MaskpatchWarning
 from maskpatch.handle import iter_hooks
 from maskpatch.limits import PaddingLimitHook
+
+from conftest import TEXTS
+from helpers import add_prompt_learning, encode, st_model
 
 M = 4
 TOL = 1e-5
