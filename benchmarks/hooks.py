@@ -112,11 +112,12 @@ def hook_times(model: Any, iters: int, repeats: int) -> list[tuple[str, float, d
 def end_to_end(model: Any, batch: list[str], blocks: int, block: int, policy: str) -> dict[str, float]:
     """Microseconds per forward, unpatched and patched, from alternating blocks on one model object.
 
-    Each round times three blocks: unpatched, patched, and unpatched again (the noise control: on
-    a quiet machine it would equal unpatched). ``unpatched``/``patched``/``again``: the minimum
-    over the rounds of each; ``cost``: patched - unpatched; ``noise``: again - unpatched;
-    ``paired``: the median over rounds of patched minus the mean of that round's two unpatched
-    blocks (a second estimate, robust to slow drift of the machine).
+    Each round times three blocks, in an order that rotates from round to round: unpatched,
+    patched, and unpatched again (the noise control: on a quiet machine it would equal
+    unpatched). ``unpatched``/``patched``/``again``: the minimum over the rounds of each;
+    ``cost``: patched - unpatched; ``noise``: again - unpatched; ``paired``: the median over
+    rounds of patched minus the mean of that round's two unpatched blocks (a second estimate,
+    robust to slow drift of the machine).
     """
     features = dict(model.preprocess(batch))
 
@@ -135,8 +136,8 @@ def end_to_end(model: Any, batch: list[str], blocks: int, block: int, policy: st
                 model(dict(features))
             if handle is not None:
                 handle.remove()
-        for _ in range(blocks):
-            for name in variants:
+        for i in range(blocks):
+            for name in variants[i % 3 :] + variants[: i % 3]:  # the order rotates from round to round
                 handle = maskpatch.apply(model, policy=policy) if name == "patched" else None
                 try:
                     times[name].append(run())
