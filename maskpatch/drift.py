@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .conventions import MaskConvention, fill_value
@@ -71,7 +70,9 @@ def prefix_mask(mask: Tensor, m: int, *, attend: bool, convention: MaskConventio
         raise DriftError(f"expected a non-negative number of mask columns to prepend, but got {m}")
     value = fill_value(convention, attend=attend, dtype=mask.dtype)
     # One op, one allocation (the result): no separate prefix tensor, no read of mask's values.
-    return F.pad(mask, (0, 0) * (mask.dim() - 2) + (m, 0), value=value)
+    # constant_pad_nd is the op F.pad dispatches, called without F.pad's Python wrapper.
+    pad = (m, 0) if mask.dim() == 2 else (0, 0) * (mask.dim() - 2) + (m, 0)
+    return torch.constant_pad_nd(mask, pad, value)
 
 
 def strip_positions(output: Tensor, m: int, *, dim: int = 1) -> Tensor:
@@ -94,8 +95,10 @@ def positions_from_mask(mask: Tensor, first: int = 0) -> Tensor:
     The result is ``torch.long`` on ``mask``'s device.
     """
     attended = mask != 0
-    # cumsum of a bool tensor is int64 already; the in-place op only touches our own temporary.
+    # cumsum of a bool tensor is int64 already. Every later op is in place on one of our own two
+    # temporaries: on small tensors an op costs its dispatch, and in-place ops (no allocation, no
+    # scalar wrapped as a tensor, as torch.where needs) dispatch fastest.
     ranks = attended.cumsum(-1)
     if first != 1:
-        ranks = ranks.add_(first - 1)
-    return torch.where(attended, ranks, first + 1)
+        ranks.add_(first - 1)
+    return ranks.masked_fill_(attended.logical_not_(), first + 1)

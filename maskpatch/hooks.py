@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .compat.generation import cache_name_in
+from .compat.generation import CACHE, LEGACY_CACHE, cache_name_in
 from .drift import Policy, positions_from_mask
 from .layout import active_layout, is_peft_model
 from .positions import position_scheme
@@ -33,6 +33,8 @@ __all__ = [
     "ensure_position_hook",
     "has_position_hook",
     "position_hook_for",
+    "position_hook_key",
+    "submodule",
 ]
 
 
@@ -168,22 +170,27 @@ class PositionIdsHook(MaskpatchHook):
         hold_disable_adapter_wrapper(self.record)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if kwargs.get("position_ids") is not None:
+        # The hot path: runs on every forward, so it reads each value once and builds nothing
+        # it does not return (see docs/performance.md).
+        get = kwargs.get
+        if get("position_ids") is not None:
             return None
-        mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
-        cached = cache_name_in(kwargs) is not None  # under either name: ``cache`` since transformers 5.24
+        mask, embeds = get("attention_mask"), get("inputs_embeds")
+        # Under either name: ``cache`` since transformers 5.24. cache_name_in (which refuses two
+        # different caches) only runs when there is one: most forwards carry none.
+        cached = (get(CACHE) is not None or get(LEGACY_CACHE) is not None) and cache_name_in(kwargs) is not None
         if embeds is None and cached:
-            embeds = kwargs.get("input_ids")  # a decoding step of generate: new token ids after a cache
+            embeds = get("input_ids")  # a decoding step of generate: new token ids after a cache
         if not isinstance(mask, torch.Tensor) or not isinstance(embeds, torch.Tensor) or mask.dim() != 2:
             return None
-        new = embeds.shape[1]
-        if mask.shape[1] != new and not (mask.shape[1] > new and cached):
+        new, length = embeds.shape[1], mask.shape[1]
+        if length != new and not (length > new and cached):
             return None
         if not active_layout(self.peft_model).adds_positions:
             return None
         positions = positions_from_mask(mask, self.first)
-        if new != mask.shape[1]:  # only a decoding step slices: a no-op slice still costs a dispatch
-            positions = positions[:, mask.shape[1] - new :]
+        if new != length:  # only a decoding step slices: a no-op slice still costs a dispatch
+            positions = positions[:, length - new :]
         return args, {**kwargs, "position_ids": positions}
 
 
@@ -208,7 +215,30 @@ def _names_position_ids(func: Callable[..., Any]) -> bool:
 
 def has_position_hook(module: nn.Module) -> bool:
     """Return whether ``module`` already carries a :class:`PositionIdsHook` (of any install)."""
-    return any(isinstance(h, PositionIdsHook) for h in module._forward_pre_hooks.values())
+    return position_hook_key(module) is not None
+
+
+def position_hook_key(module: nn.Module) -> int | None:
+    """Return the key of the :class:`PositionIdsHook` in ``module``'s pre-hooks (of any install), or None.
+
+    torch never reuses a hook key, so ``key in module._forward_pre_hooks`` later tells, in one
+    dictionary lookup, whether that same hook is still registered.
+    """
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, PositionIdsHook):
+            return key
+    return None
+
+
+def submodule(module: nn.Module, name: str) -> Any:
+    """Return ``getattr(module, name, None)``, reading a registered submodule straight from ``_modules``.
+
+    The same object (``nn.Module`` keeps a submodule only in ``_modules``), without the detour through
+    ``__getattr__`` that costs a microsecond or more on a sentence-transformers module (it first
+    looks up deprecated method names) and on a PeftModel.
+    """
+    found = module._modules.get(name)
+    return found if found is not None else getattr(module, name, None)
 
 
 def position_hook_for(peft_model: Any, record: InstallRecord) -> PositionIdsHook | None:

@@ -120,24 +120,32 @@ class PaddingLimitHook(MaskpatchHook):
         self.window = window
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # The hot path: no message is formatted, and the mask is not read on the host, unless the
+        # batch can still run into a limit that is not yet reported (or the install is strict).
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, Tensor) or mask.dim() != 2:
             return
-        limit, case = self._limit_for(mask.shape[1])
+        length = mask.shape[1]
+        limit = self._limit_for(length)
         if limit is None or (limit.name in self.record.reported and not self.record.strict):
             return
         if active_layout(self.peft_model).adds_positions and has_pads_before_tokens(mask):
-            report(self.record, limit, f"{type(module).__name__}: {case}", stacklevel=4)
+            report(self.record, limit, f"{type(module).__name__}: {self._case(limit, length)}", stacklevel=4)
 
-    def _limit_for(self, length: int) -> tuple[Limit | None, str]:
+    def _limit_for(self, length: int) -> Limit | None:
         if self.reason is not None:
-            return LEFT_PADDING, f"a left-padded batch with virtual tokens is not batch invariant ({self.reason})"
+            return LEFT_PADDING
         if self.window is not None and length > self.window:
-            return SLIDING_WINDOW, (
-                f"a left-padded batch of {length} positions (virtual tokens included) is longer than the "
-                f"attention window of {self.window}, so the pads push tokens out of each other's window"
-            )
-        return None, ""
+            return SLIDING_WINDOW
+        return None
+
+    def _case(self, limit: Limit, length: int) -> str:
+        if limit is LEFT_PADDING:
+            return f"a left-padded batch with virtual tokens is not batch invariant ({self.reason})"
+        return (
+            f"a left-padded batch of {length} positions (virtual tokens included) is longer than the "
+            f"attention window of {self.window}, so the pads push tokens out of each other's window"
+        )
 
 
 def limit_hook_for(

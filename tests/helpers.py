@@ -199,7 +199,7 @@ def touched_classes() -> list[type]:
     return classes
 
 
-def residue_snapshot(*models) -> dict[str, Any]:
+def residue_snapshot(*models, settle: bool = True) -> dict[str, Any]:
     """What "exactly as before" compares: modules, their ``__dict__`` and hook dicts, and the touched classes.
 
     Per module of each model (by name): its identity and type, every ``__dict__`` entry by
@@ -207,6 +207,8 @@ def residue_snapshot(*models) -> dict[str, Any]:
     :func:`touched_classes`: every ``__dict__`` entry by identity (a wrapper in place of a method
     shows up as another object).
     """
+    if settle:
+        _settle_class_wrappers()
     snapshot: dict[str, Any] = {}
     for index, model in enumerate(models):
         for name, module in model.named_modules():
@@ -221,12 +223,28 @@ def residue_snapshot(*models) -> dict[str, Any]:
     return snapshot
 
 
+def _settle_class_wrappers() -> None:
+    """Release class wrappers held only by installs of earlier tests whose models died without remove().
+
+    Those stay until the next removal; settling first makes "before" mean "no live install but
+    these". ``gc.collect()`` first: the dead installs must be gone from the holders.
+    """
+    import gc
+
+    from maskpatch import provenance
+    from maskpatch.adapters.peft import release_unheld_wrappers
+
+    gc.collect()
+    release_unheld_wrappers()
+    provenance.untrack_unpatched()
+
+
 def assert_no_residue(before: dict[str, Any], *models) -> None:
     """Fail, naming what differs, unless ``models`` and the touched classes are exactly as in ``before``.
 
     Classes imported since ``before`` was taken are not compared (they did not exist then).
     """
-    after = residue_snapshot(*models)
+    after = residue_snapshot(*models, settle=False)  # a leak must show, not be settled away
     after = {k: v for k, v in after.items() if not k.startswith("class:") or k in before}
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     details = []

@@ -86,6 +86,7 @@ __all__ = [
     "drop_routes",
     "ensure_disable_adapter_wrapper",
     "hold_disable_adapter_wrapper",
+    "release_unheld_wrappers",
     "output_mask",
     "remove_disable_adapter_wrapper",
     "span_loss",
@@ -601,9 +602,21 @@ def hold_disable_adapter_wrapper(record: InstallRecord) -> None:
 def _release_disable_adapter_wrapper(record: InstallRecord) -> None:
     with _WRAPPER_LOCK:
         _WRAPPER_HOLDERS.discard(record)
-        if not _WRAPPER_HOLDERS:
-            remove_disable_adapter_wrapper()
-            remove_generation_wrapper()
+        release_unheld_wrappers()
+
+
+def release_unheld_wrappers() -> bool:
+    """Take the class-level PEFT wrappers off when no live install holds them; return whether it did.
+
+    The removal of the last install does this by itself. An install whose model was garbage
+    collected without ``remove()`` drops out of the holders silently, so its wrappers stay until
+    the next removal or a call of this function.
+    """
+    with _WRAPPER_LOCK:
+        if _WRAPPER_HOLDERS:
+            return False
+        removed = remove_disable_adapter_wrapper()
+        return remove_generation_wrapper() or removed
 
 
 def ensure_disable_adapter_wrapper() -> None:

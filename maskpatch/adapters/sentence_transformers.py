@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..compat.generation import generation_cache_name
 from ..compat.st_inline_mask import caller_mask, pooling_weighs_by_column, st_extends_mask_inline
 from ..compat.st_inner import inner_model, inner_name
 from ..compat.st_modules import st_classes
@@ -40,13 +41,13 @@ from ..hooks import (
     InstallRecord,
     MaskpatchHook,
     ensure_position_hook,
-    has_position_hook,
     position_hook_for,
+    position_hook_key,
+    submodule,
 )
 from ..layout import active_layout, is_peft_model
-from ..compat.generation import generation_cache_name
-from .peft_generation import generates_with_peft
 from ..limits import INLINE_WEIGHTEDMEAN, PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
+from .peft_generation import generates_with_peft
 from .st_consumers import consumer_specs
 
 __all__ = [
@@ -122,19 +123,42 @@ def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:
 
 
 class TransformerPositionHook(MaskpatchHook):
-    """Pre-hook on ``Transformer``: position ids for the PEFT model it holds now (see module doc)."""
+    """Pre-hook on ``Transformer``: position ids for the PEFT model it holds now (see module doc).
+
+    Runs on every forward. Once it has seen a :class:`~maskpatch.hooks.PositionIdsHook` on the
+    base model, it remembers that hook's key (torch never reuses one) with the PEFT and base model
+    it found, so a later forward checks in three lookups that the same hook is still there,
+    instead of scanning the pre-hooks. What it remembers is not pickled: a copy scans again.
+    """
 
     pre = True
+    #: ``(PEFT model, its base model, key of the PositionIdsHook on it)`` last seen; None to scan.
+    _seen: tuple[nn.Module, nn.Module, int] | None = None
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        inner = inner_model(module)
-        if self.record.removed or not is_peft_model(inner) or has_position_hook(inner.base_model):
-            return  # the usual case: nothing to register, and no lock taken
+        inner: Any = inner_model(module)
+        seen = self._seen
+        if seen is not None and inner is seen[0]:
+            base = seen[1]
+            if submodule(inner, "base_model") is base and seen[2] in base._forward_pre_hooks:
+                return  # the usual case: the same hook as last time is in place
+        if self.record.removed or not is_peft_model(inner):
+            return
+        base = inner.base_model
+        key = position_hook_key(base)
+        if key is not None:
+            self._seen = (inner, base, key)  # nothing to register, and no lock taken
+            return
         with LOCK:
             # A remove() on another thread may have run since this forward began: the record
             # registers nothing once its install is removed, so nothing of it is left behind.
             ensure_position_hook(inner, self.record)
             ensure_limit_hook(inner, self.record)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_seen", None)
+        return state
 
 
 class TransformerOutputHook(MaskpatchHook):
@@ -154,7 +178,8 @@ class TransformerOutputHook(MaskpatchHook):
         self.inline = inline
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if not isinstance(output, MutableMapping):
+        # The hot path: runs on every forward; messages are only formatted when they are raised or warned.
+        if type(output) is not dict and not isinstance(output, MutableMapping):
             return None
         if "cu_seq_lens_q" in output:  # packed features carry no attention_mask: check first
             _refuse_flattened(module)
@@ -177,21 +202,30 @@ class TransformerOutputHook(MaskpatchHook):
             # reranker's logits_to_keep), which PEFT's prefix does not shift.
             return None if features is output else features
         layout = active_layout(inner)
-        where = (
-            f"{type(module).__name__} output {key!r} has {tokens.shape[1]} positions but "
-            f"attention_mask has {mask.shape[1]}"
-        )
-        m = check_excess(observed, layout.num_virtual_tokens, where=where, adapter=layout.adapter)
-        if not self.sees_pooling and self.record.policy == "extend" and output.get("prompt_length") is not None:
+        if observed == layout.num_virtual_tokens:
+            m = observed  # what check_excess returns for an excess it explains, without building `where`
+        else:
+            where = (
+                f"{type(module).__name__} output {key!r} has {tokens.shape[1]} positions but "
+                f"attention_mask has {mask.shape[1]}"
+            )
+            m = check_excess(observed, layout.num_virtual_tokens, where=where, adapter=layout.adapter)
+        record = self.record
+        if (
+            not self.sees_pooling
+            and record.policy == "extend"
+            and output.get("prompt_length") is not None
+            and (record.strict or PART_MODEL_POOLING.name not in record.reported)  # else report() does nothing
+        ):
             report(
-                self.record,
+                record,
                 PART_MODEL_POOLING,
                 f"{type(module).__name__} was patched on its own under 'extend' and its features carry a "
                 "prompt_length; a Pooling(include_prompt=False) after it would exclude the virtual tokens "
                 "instead of the instruction",
                 stacklevel=2,
             )
-        return repair_features(features, key, m, self.record.policy)
+        return repair_features(features, key, m, record.policy)
 
 
 class InlineMaskGuardHook(MaskpatchHook):
