@@ -67,3 +67,16 @@ def test_plain_peft_model_is_still_patched():
     pm.__class__ = PeftModel
     with maskpatch.patched(pm) as handle:
         assert handle.active
+
+
+def test_positional_call_binds_like_the_keyword_call():
+    """A positional call of a patched PeftModel is rewritten like the same call by keyword (the names are cached)."""
+    pm = peft_model("FEATURE_EXTRACTION")
+    batch = torch.tensor([[7, 8, 9, 10, 0], [11, 12, 13, 14, 15]])
+    with maskpatch.patched(pm, policy="strip"), torch.no_grad():
+        by_keyword = pm(input_ids=batch, attention_mask=_mask(batch)).last_hidden_state
+        by_position = pm(batch, _mask(batch)).last_hidden_state
+        with pytest.raises(TypeError, match="multiple values for argument 'input_ids'"):
+            pm(batch, input_ids=batch)
+    assert by_position.shape[1] == batch.shape[1]
+    torch.testing.assert_close(by_position, by_keyword, atol=0, rtol=0)

@@ -62,34 +62,47 @@ class PeftCall:
 def as_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Return the call's arguments as one new keyword dict (positional ones bound by name).
 
-    The signature is read once per forward function (:func:`_signature`), never per call.
+    The forward's parameter names are read once per function (:func:`_positional_names`), never
+    per call; a forward taking ``*args`` is bound by :mod:`inspect` as before.
     """
     if not args:
         return dict(kwargs)
     forward = module.forward
     func = getattr(forward, "__func__", None)
     if func is not None and getattr(forward, "__self__", None) is module:
-        signature, var_keyword = _signature(func)
-        bound = signature.bind_partial(module, *args, **kwargs).arguments
-        bound.pop(next(iter(signature.parameters)), None)  # self
+        names = _positional_names(func)[1:]  # without self
     else:  # a forward set on the instance: read it now
-        signature, var_keyword = _signature.__wrapped__(forward)
-        bound = signature.bind_partial(*args, **kwargs).arguments
-    flat: dict[str, Any] = {}
-    for name, value in bound.items():
-        if name == var_keyword:
-            flat.update(value)
-        else:
-            flat[name] = value
+        names = _positional_names.__wrapped__(forward)
+    if names is None or len(args) > len(names):
+        return _bind(forward, args, kwargs)
+    flat = dict(zip(names, args, strict=False))
+    for name in kwargs:
+        if name in flat:
+            raise TypeError(f"{type(module).__name__}.forward() got multiple values for argument {name!r}")
+    flat.update(kwargs)
     return flat
 
 
 @functools.lru_cache(maxsize=128)
-def _signature(func: Callable[..., Any]) -> tuple[inspect.Signature, str | None]:
-    """Return ``func``'s signature and the name of its ``**kwargs`` parameter (None if it has none)."""
-    signature = inspect.signature(func)
-    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    return signature, var_keyword
+def _positional_names(func: Callable[..., Any]) -> tuple[str, ...] | None:
+    """Return the names of ``func``'s positional parameters in order; None when it takes ``*args``."""
+    parameters = inspect.signature(func).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in parameters if p.kind in positional)
+
+
+def _bind(forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Bind the call with :mod:`inspect` (a forward taking ``*args``, or too many positional arguments)."""
+    signature = inspect.signature(forward)
+    flat: dict[str, Any] = {}
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(value)
+        else:
+            flat[name] = value
+    return flat
 
 
 def prepare_call(
