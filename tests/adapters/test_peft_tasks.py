@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_peft_encoders import M, _mask, peft_model
 
 import maskpatch
 from maskpatch.errors import UnsupportedModelError
 
 from helpers import assert_no_residue, residue_snapshot
-from test_peft_encoders import M, _mask, peft_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*[Tt]oken type ids.*")]
 

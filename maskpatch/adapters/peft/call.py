@@ -70,7 +70,8 @@ def as_kwargs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     forward = module.forward
     func = getattr(forward, "__func__", None)
     if func is not None and getattr(forward, "__self__", None) is module:
-        names = _positional_names(func)[1:]  # without self
+        names = _positional_names(func)
+        names = None if names is None else names[1:]  # without self
     else:  # a forward set on the instance: read it now
         names = _positional_names.__wrapped__(forward)
     if names is None or len(args) > len(names):
