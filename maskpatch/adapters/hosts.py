@@ -40,6 +40,7 @@ from ..handle import LOCK, HookSpec, PatchHandle, find_record, install, remove_h
 from ..hooks import InstallRecord, MaskpatchHook
 from ..registry import check_requirements, find_adapter, registered_adapters
 from .peft import CALL_KEY, PeftCall, PeftCallHook
+from .peft.mask import prompt_output_mask
 from .peft.tasks import Fields, find_task, supported_tasks
 
 __all__ = [
@@ -216,6 +217,9 @@ class HostAdapter:
         target = self.model_of(model)
         specs = [] if has_own_install(target) else find_adapter(target).plan(target, record)
         return [*specs, HookSpec(target, AlignOutputHook(record))]
+
+    #: The mask capability on the host's PeftModel (see maskpatch.registry.MaskAdapter).
+    output_mask = staticmethod(prompt_output_mask)
 
     def ensure_wrapper(self) -> None:
         """Wrap the host method that calls the model (see the module docstring)."""

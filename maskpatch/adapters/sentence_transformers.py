@@ -38,6 +38,7 @@ from ..layout import active_layout, is_peft_model
 from ..compat.generation import generation_cache_name
 from .peft_generation import generates_with_peft
 from ..limits import PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
+from .peft.mask import prompt_output_mask
 from .st_consumers import consumer_specs
 
 __all__ = [
@@ -90,6 +91,8 @@ class SentenceTransformersAdapter:
             # Consumers that read N-column keys besides the mask (MultiVectorMask): see st_consumers.
             specs.extend(consumer_specs(module, record))
         return specs
+
+    output_mask = staticmethod(prompt_output_mask)  # the mask capability (see maskpatch.registry.MaskAdapter)
 
 
 def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:

@@ -21,7 +21,7 @@ forward hooks on the PeftModel fire. This adapter registers, on one PeftModel:
   explain, and under ``strip`` cuts the ``M`` virtual positions (views);
 * :class:`TaskIdsHook`, a pre-hook on each multitask prompt encoder.
 
-Under ``extend`` and ``ignore`` the outputs keep their ``N + M`` positions; :func:`output_mask`
+Under ``extend`` and ``ignore`` the outputs keep their ``N + M`` positions; :func:`maskpatch.output_mask`
 returns the mask that lines up with them. The computation itself is the same under every policy
 (PEFT's model attends the virtual tokens), so losses do not depend on the policy.
 
@@ -34,7 +34,7 @@ refused at ``apply``. The package is split by concern:
 * :mod:`~maskpatch.adapters.peft.call`: rewriting one call (:class:`PeftCall`);
 * :mod:`~maskpatch.adapters.peft.output`: checking and cutting the output, the span loss;
 * :mod:`~maskpatch.adapters.peft.multitask`: routing multitask ``task_ids``;
-* :mod:`~maskpatch.adapters.peft.mask`: :func:`output_mask`;
+* :mod:`~maskpatch.adapters.peft.mask`: the mask that lines up with the outputs (the adapter's ``output_mask``);
 * :mod:`~maskpatch.adapters.peft.wrappers`: the class-level ``disable_adapter`` wrapper;
 * :mod:`~maskpatch.adapters.peft.hooks`: the hooks on the PeftModel and its base model.
 """
@@ -44,7 +44,7 @@ from __future__ import annotations
 from .adapter import PeftAdapter
 from .call import CALL_KEY, PeftCall, as_kwargs, input_length
 from .hooks import PeftBaseHook, PeftCallHook, PeftOutputHook
-from .mask import output_mask
+from .mask import prompt_output_mask
 from .multitask import TaskIdsHook, drop_routes
 from .output import repair_output, span_loss
 from .tasks import ENCODER_FIELDS, TaskRow, find_task, supported_tasks, task_for
@@ -70,7 +70,7 @@ __all__ = [
     "find_task",
     "hold_disable_adapter_wrapper",
     "input_length",
-    "output_mask",
+    "prompt_output_mask",
     "remove_disable_adapter_wrapper",
     "repair_output",
     "span_loss",

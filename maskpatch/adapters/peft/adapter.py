@@ -13,6 +13,7 @@ from ...limits import limit_hook_for
 from ...positions import position_scheme
 from ..peft_generation import generates_with_peft
 from .hooks import PeftBaseHook, PeftCallHook, PeftOutputHook
+from .mask import prompt_output_mask
 from .multitask import TaskIdsHook, task_encoders
 from .tasks import task_for
 
@@ -49,3 +50,5 @@ class PeftAdapter:
         if generates_with_peft(model):
             generation_cache_name()  # refuses, at apply, a transformers that names the cache neither way
         return specs  # the disable_adapter() wrapper goes in with PeftCallHook (attached), not here
+
+    output_mask = staticmethod(prompt_output_mask)  # the mask capability (see maskpatch.registry.MaskAdapter)
