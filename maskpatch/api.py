@@ -18,7 +18,7 @@ from .handle import LOCK as _LOCK
 from .handle import PatchHandle, find_record, install, iter_hooks, remove_hooks
 from .hooks import InstallRecord
 from .inputs import require_module
-from .registry import Adapter, MaskAdapter, check_requirements, find_adapter, get_adapter, installed_adapter
+from .registry import Adapter, check_requirements, find_adapter, get_adapter, installed_adapter
 
 __all__ = ["apply", "is_patched", "output_mask", "patched", "remove"]
 
@@ -287,12 +287,13 @@ def output_mask(
         raise UnsupportedModelError(
             f"expected a model patched with maskpatch.apply(...), but {type(model).__name__} is not patched"
         )
-    adapter = installed_adapter(record)
-    if not isinstance(adapter, MaskAdapter):
+    method = getattr(installed_adapter(record), "output_mask", None)  # the MaskAdapter capability
+    if not callable(method):
         raise UnsupportedModelError(
             f"{type(model).__name__} is patched by the {record.adapter!r} adapter, which provides no output_mask"
         )
-    return adapter.output_mask(model, record, attention_mask, convention=convention)
+    mask: Tensor = method(model, record, attention_mask, convention=convention)
+    return mask
 
 
 def _require_module(model: object) -> None:

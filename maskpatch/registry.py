@@ -258,8 +258,8 @@ def get_adapter(name: str) -> Adapter:
 
 def installed_adapter(record: InstallRecord) -> Adapter:
     """Return the adapter that made ``record``'s install: the object that planned it, or (a copy) the registered one."""
-    owner = record.owner
-    return owner if isinstance(owner, Adapter) else get_adapter(record.adapter)
+    owner: Adapter | None = record.owner  # set by apply to the adapter object it planned with
+    return owner if owner is not None else get_adapter(record.adapter)
 
 
 def check_requirements(adapter: Adapter) -> None:

@@ -42,5 +42,7 @@ def prompt_output_mask(
 
 
 def _peft_layout(model: nn.Module) -> VirtualLayout:
-    # The PeftModel is the model itself or near the top of it (a SentenceTransformer's first module's model).
+    if is_peft_model(model):
+        return active_layout(model)
+    # Else the PeftModel is near the top of ``model`` (a SentenceTransformer's first module's model).
     return next((active_layout(module) for module in model.modules() if is_peft_model(module)), NO_LAYOUT)
