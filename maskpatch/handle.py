@@ -27,10 +27,11 @@ class HookSpec:
     hook: MaskpatchHook
 
 
-# The install made on each module ``apply`` was called on (weak: it does not keep a model alive),
-# so that ``is_patched``, ``output_mask`` and ``find_record`` on that module cost O(hooks), not a
-# scan of every module. Plain module-level data, never on the model (which stays picklable).
-_ROOTS: weakref.WeakKeyDictionary[nn.Module, InstallRecord] = weakref.WeakKeyDictionary()
+# The install made on each module ``apply`` was called on, so that ``is_patched``, ``output_mask``
+# and ``find_record`` on that module cost O(hooks), not a scan of every module. Weak both ways (the
+# record refers to its root: a strong value would keep the model, its install and the class-level
+# wrappers it holds alive forever). Plain module-level data, never on the model (which stays picklable).
+_ROOTS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[InstallRecord]] = weakref.WeakKeyDictionary()
 
 
 def install(specs: Sequence[HookSpec]) -> None:
@@ -51,7 +52,7 @@ def install(specs: Sequence[HookSpec]) -> None:
     with LOCK:
         for record in records:
             if record.root is not None:
-                _ROOTS[record.root] = record
+                _ROOTS[record.root] = weakref.ref(record)
 
 
 def iter_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, int, MaskpatchHook]]:
@@ -70,7 +71,8 @@ def find_record(model: nn.Module) -> InstallRecord | None:
     still in place); a scan of ``model``'s modules otherwise (a part or a container of it, a copy
     made by ``pickle`` or ``deepcopy``, an unpatched model).
     """
-    record = _ROOTS.get(model)
+    ref = _ROOTS.get(model)
+    record = None if ref is None else ref()
     if record is not None and not record.removed and _any_site_live(record):
         return record
     return next((hook.record for _, _, hook in iter_hooks(model)), None)
@@ -113,8 +115,9 @@ def _remove_install(record: InstallRecord, scope: nn.Module | None) -> int:
                 for name in _PRE_DICTS if hook.pre else _POST_DICTS:
                     getattr(module, name).pop(key, None)
                 removed += 1
-    if record.root is not None and _ROOTS.get(record.root) is record:
-        del _ROOTS[record.root]
+    ref = None if record.root is None else _ROOTS.get(record.root)
+    if ref is not None and ref() is record:
+        del _ROOTS[record.root]  # type: ignore[arg-type]
     record.release()
     return removed
 
