@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it, imported on first access.
 _EXPORTS: dict[str, str] = {
     "prepended_mask": ".adapters.generic",
-    "output_mask": ".adapters.peft",
+    "output_mask": ".api",
     "apply": ".api",
     "is_patched": ".api",
     "patched": ".api",
@@ -99,8 +99,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .adapters.generic import prepended_mask
-    from .adapters.peft import output_mask
-    from .api import apply, is_patched, patched, remove
+    from .api import apply, is_patched, output_mask, patched, remove
     from .auditing import AuditReport, AuditSession, Finding, audit
     from .conventions import MaskConvention
     from .drift import POLICIES, Policy

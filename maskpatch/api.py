@@ -6,20 +6,23 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
 from . import provenance
+from .adapters.generic import NAME as PREPENDED_TOKENS
 from .adapters.generic import PrependedTokensAdapter, check_same_count, validate_count
 from .adapters.hosts import apply_host, host_adapter, is_host_patched, patched_host, remove_host
 from .compat.versions import check_environment
+from .conventions import MaskConvention
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
 from .handle import LOCK as _LOCK
 from .handle import PatchHandle, find_record, install, iter_hooks, remove_hooks
 from .hooks import InstallRecord
-from .registry import Adapter, check_requirements, find_adapter
+from .inputs import require_module
+from .registry import Adapter, check_requirements, find_adapter, get_adapter, installed_adapter
 
-__all__ = ["apply", "is_patched", "patched", "remove"]
+__all__ = ["apply", "is_patched", "output_mask", "patched", "remove"]
 
 
 def apply(
@@ -171,6 +174,8 @@ def _joinable_record(model: nn.Module, policy: Policy, prepended: int | None) ->
         return None
     _require_same_policy(model, record, policy)
     check_same_count(model, prepended)
+    if record.root is model:
+        return record  # the install made on this very model holds every hook patching it needs
     missing = _missing_hooks(model, record, prepended)
     if missing:
         name = type(model).__name__
@@ -224,8 +229,20 @@ def _missing_hooks(model: nn.Module, record: InstallRecord, prepended: int | Non
 
 
 def _adapter_for(model: nn.Module, prepended: int | None) -> Adapter:
-    # A module that prepends tokens by itself cannot be recognised: the stated count selects the generic path.
-    return find_adapter(model) if prepended is None else PrependedTokensAdapter(prepended)
+    """Resolve the adapter: the registered one that matches ``model``, or the generic one for ``prepended_tokens``.
+
+    A module that prepends tokens by itself cannot be recognised: the stated count selects the
+    registered ``"prepended-tokens"`` adapter, configured with that count.
+    """
+    if prepended is None:
+        return find_adapter(model)
+    generic = get_adapter(PREPENDED_TOKENS)
+    if not isinstance(generic, PrependedTokensAdapter):
+        raise UnsupportedModelError(
+            f"prepended_tokens= selects the {PREPENDED_TOKENS!r} adapter, but the one registered under that name "
+            f"({generic!r}) is not a maskpatch.adapters.generic.PrependedTokensAdapter"
+        )
+    return generic.with_count(prepended)
 
 
 def _install(
@@ -239,14 +256,50 @@ def _install(
 ) -> PatchHandle:
     if check_versions:  # before anything version-specific of the upstream libraries is imported
         check_environment()
-    adapter = _adapter_for(model, prepended)
+    adapter = _adapter_for(model, prepended)  # resolve
     if check_versions:
-        check_requirements(adapter)
+        check_requirements(adapter)  # check
     record = InstallRecord(policy, adapter.name, pinned=pinned, root=model, strict=strict)
-    install(adapter.plan(model, record))
+    record.owner = adapter
+    install(adapter.plan(model, record))  # plan, install (recording every hook's site)
     # A prompt saved from this model records the policy it was trained with (maskpatch.provenance).
-    provenance.track(model)
+    provenance.track(model, record)
     return PatchHandle(model, record)
+
+
+def output_mask(
+    model: nn.Module, attention_mask: Tensor, *, convention: MaskConvention = MaskConvention.ONES
+) -> Tensor:
+    """Return the mask (in ``convention``, ``ONES`` by default: 1 attends) that lines up with ``model``'s outputs now.
+
+    ``model`` is a model patched by :func:`maskpatch.apply`: a PeftModel, a model holding one (a
+    SentenceTransformer), or a module patched with ``prepended_tokens=M``; and
+    ``attention_mask`` the caller's ``(B, N)`` mask. While the active adapter prepends ``M``
+    virtual tokens, under ``extend`` the result has ``M`` leading attending entries and under
+    ``ignore`` ``M`` non-attending ones (``(B, M + N)``, like the outputs); under ``strip``, and
+    when nothing is prepended (prefix tuning, LoRA, a disabled adapter), it is ``attention_mask``
+    itself. Dtype and device are ``attention_mask``'s; it is not modified::
+
+        mask  1 1 0     extend, M=2: 1 1 | 1 1 0     ignore: 0 0 | 1 1 0     strip: 1 1 0
+
+    The install is found through its record (O(hooks) on the model ``apply`` was called on) and
+    the adapter that made it answers (its ``output_mask``, :class:`maskpatch.registry.MaskAdapter`).
+    Raises :class:`UnsupportedModelError` when ``model`` is not patched, or its adapter has no
+    ``output_mask``.
+    """
+    require_module(model, where="output_mask")
+    record = find_record(model)
+    if record is None:
+        raise UnsupportedModelError(
+            f"expected a model patched with maskpatch.apply(...), but {type(model).__name__} is not patched"
+        )
+    method = getattr(installed_adapter(record), "output_mask", None)  # the MaskAdapter capability
+    if not callable(method):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is patched by the {record.adapter!r} adapter, which provides no output_mask"
+        )
+    mask: Tensor = method(model, record, attention_mask, convention=convention)
+    return mask
 
 
 def _require_module(model: object) -> None:

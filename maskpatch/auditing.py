@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters.peft import _ENCODER_FIELDS, _FIELDS, PeftOutputHook, _as_kwargs, _input_length, _kind
+from .adapters.peft import ENCODER_FIELDS, PeftOutputHook, as_kwargs, find_task, input_length
+from .adapters.peft.tasks import task_named
 from .adapters.sentence_transformers import TransformerOutputHook
 from .adapters.x_transformers import XtOutputHook
 from .drift import POLICIES
@@ -220,10 +221,11 @@ class PeftOutputObserver(AuditHook):
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not isinstance(output, Mapping):
             return
-        n = _input_length(_as_kwargs(module, args, kwargs) if args else kwargs)
+        n = input_length(as_kwargs(module, args, kwargs) if args else kwargs)
         if n == 0:
             return
-        for name, dims in _FIELDS.get(self.kind, _ENCODER_FIELDS):
+        row = task_named(self.kind)  # audit observes; apply refuses an unknown task class
+        for name, dims in ENCODER_FIELDS if row is None else row.fields:
             value = output.get(name)
             tensor = value if isinstance(value, Tensor) or not value else value[-1]
             if isinstance(tensor, Tensor) and tensor.dim() > dims[-1] and tensor.shape[dims[-1]] > n:
@@ -262,7 +264,8 @@ def _observer_class(cls: type[AuditHook]) -> ObserverFactory:
 
 
 def _peft_observer(report: AuditReport, model: str, site: str, module: nn.Module) -> AuditHook:
-    return PeftOutputObserver(report, model, site, type(module).__name__, _kind(module))
+    found = find_task(module)
+    return PeftOutputObserver(report, model, site, type(module).__name__, "" if found is None else found[0].__name__)
 
 
 #: repair hook class -> the observer audit mode puts at the same site instead. Plain data.

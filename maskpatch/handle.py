@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -26,11 +27,19 @@ class HookSpec:
     hook: MaskpatchHook
 
 
+# The install made on each module ``apply`` was called on, so that ``is_patched``, ``output_mask``
+# and ``find_record`` on that module cost O(hooks), not a scan of every module. Weak both ways (the
+# record refers to its root: a strong value would keep the model, its install and the class-level
+# wrappers it holds alive forever). Plain module-level data, never on the model (which stays picklable).
+_ROOTS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[InstallRecord]] = weakref.WeakKeyDictionary()
+
+
 def install(specs: Sequence[HookSpec]) -> None:
     """Register every hook of ``specs`` (all with ``with_kwargs=True``, honouring ``always_call``), or none of them.
 
     Each hook is registered through its record (:meth:`InstallRecord.register`), which keeps
-    torch's removable handle, so that removal finds the hook wherever its module went since.
+    torch's removable handle, so that removal finds the hook wherever its module went since. The
+    install is then known by its root module (``record.root``) without a scan.
     """
     records = list({id(spec.hook.record): spec.hook.record for spec in specs}.values())
     try:
@@ -40,6 +49,10 @@ def install(specs: Sequence[HookSpec]) -> None:
         for record in records:
             _remove_install(record, None)
         raise
+    with LOCK:
+        for record in records:
+            if record.root is not None:
+                _ROOTS[record.root] = weakref.ref(record)
 
 
 def iter_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, int, MaskpatchHook]]:
@@ -52,8 +65,25 @@ def iter_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, int, MaskpatchHook
 
 
 def find_record(model: nn.Module) -> InstallRecord | None:
-    """Return the record of the install found in ``model``, or None when it is not patched."""
+    """Return the record of the install found in ``model``, or None when it is not patched.
+
+    O(hooks) for the module an install was made on (its record is known, and one of its hooks
+    still in place); a scan of ``model``'s modules otherwise (a part or a container of it, a copy
+    made by ``pickle`` or ``deepcopy``, an unpatched model).
+    """
+    ref = _ROOTS.get(model)
+    record = None if ref is None else ref()
+    if record is not None and not record.removed and _any_site_live(record):
+        return record
     return next((hook.record for _, _, hook in iter_hooks(model)), None)
+
+
+def _any_site_live(record: InstallRecord) -> bool:
+    for site in record.sites:
+        hooks = site.hooks_dict_ref()
+        if hooks is not None and site.id in hooks:
+            return True
+    return False
 
 
 def remove_hooks(model: nn.Module, record: InstallRecord | None = None) -> int:
@@ -71,19 +101,23 @@ def remove_hooks(model: nn.Module, record: InstallRecord | None = None) -> int:
 
 
 def _remove_install(record: InstallRecord, scope: nn.Module | None) -> int:
-    """Remove every hook of ``record``: through its sites, then any found in ``scope`` (copies have no sites)."""
+    """Remove every hook of ``record``: through its sites (O(hooks)); a copy has none, so it is found in ``scope``."""
     removed = 0
+    copied = not record.sites
     for site in record.sites:
         hooks = site.hooks_dict_ref()
         if hooks is not None and site.id in hooks:
             removed += 1
         site.remove()
-    if scope is not None:
+    if scope is not None and copied:
         for module, key, hook in list(iter_hooks(scope)):
             if hook.record is record:
                 for name in _PRE_DICTS if hook.pre else _POST_DICTS:
                     getattr(module, name).pop(key, None)
                 removed += 1
+    ref = None if record.root is None else _ROOTS.get(record.root)
+    if ref is not None and ref() is record:
+        del _ROOTS[record.root]  # type: ignore[arg-type]
     record.release()
     if removed:
         from .provenance import untrack_unpatched  # imported here: provenance imports this module

@@ -71,6 +71,9 @@ class InstallRecord:
         self.releases: list[Callable[[InstallRecord], None]] = []
         #: Set, under :data:`LOCK`, when the install is removed: nothing of it may be registered after.
         self.removed = False
+        #: The adapter object that planned the install (its capabilities, e.g. ``output_mask``, are
+        #: asked through the record); None on a copy, where the registry is asked by ``adapter`` name.
+        self.owner: Any = None
 
     def register(self, module: nn.Module, hook: MaskpatchHook) -> bool:
         """Register ``hook`` on ``module`` for this install unless it was removed; return whether it was.
@@ -89,6 +92,16 @@ class InstallRecord:
             hook.attached()
             return True
 
+    def hooks(self) -> list[MaskpatchHook]:
+        """Return the hooks of this install still in place, through its sites (O(hooks); empty on a copy)."""
+        found = []
+        for site in self.sites:
+            hooks = site.hooks_dict_ref()
+            hook = None if hooks is None else hooks.get(site.id)
+            if isinstance(hook, MaskpatchHook):
+                found.append(hook)
+        return found
+
     def release(self) -> None:
         """Mark the install removed and undo what its hooks took besides themselves (once; under :data:`LOCK`)."""
         with LOCK:
@@ -103,11 +116,12 @@ class InstallRecord:
         # open: it stays patched until ``maskpatch.remove`` is called on it. The root is not
         # carried along, so that pickling a part of a patched model does not drag in the whole;
         # neither are the sites and releases of the original's hooks (a copy is found by scanning).
-        return {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": []}
+        state = {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": []}
+        return {**state, "owner": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Records pickled by an older maskpatch lack the newer fields.
-        self.__dict__.update({"sites": [], "releases": [], "removed": False, "root": None, **state})
+        self.__dict__.update({"sites": [], "releases": [], "removed": False, "root": None, "owner": None, **state})
 
     def __repr__(self) -> str:
         return f"InstallRecord(policy={self.policy!r}, adapter={self.adapter!r})"

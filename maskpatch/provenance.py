@@ -45,7 +45,7 @@ from torch import nn
 from .drift import POLICIES, Policy
 from .errors import MaskpatchWarning, SidecarError
 from .handle import find_record
-from .hooks import LOCK
+from .hooks import LOCK, InstallRecord
 
 __all__ = [
     "SIDECAR",
@@ -84,7 +84,8 @@ class _State:
     """Process-wide: the patched models being tracked and the class methods wrapped. Never on a model."""
 
     def __init__(self) -> None:
-        self.roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        #: apply roots -> their install's record (weakly: a dropped model or record is forgotten)
+        self.roots: weakref.WeakKeyDictionary[nn.Module, weakref.ref[InstallRecord]] = weakref.WeakKeyDictionary()
         # (class, attribute, original as found in the class __dict__) for each wrapped method.
         self.saving: list[tuple[type, str, Any]] = []
         self.loading: list[tuple[type, str, Any]] = []
@@ -140,27 +141,28 @@ def served_policy(module: nn.Module) -> Policy | None:
     record = find_record(module)
     if record is not None:
         return record.policy
-    for root in list(_STATE.roots):
+    for root, ref in list(_STATE.roots.items()):
         if any(sub is module for sub in root.modules()):
-            record = find_record(root)
-            if record is not None:
+            record = ref()
+            if record is not None and not record.removed:
                 return record.policy
     return None
 
 
-def track(root: nn.Module) -> None:
-    """Remember ``root``, just patched, and wrap ``PeftModel.save_pretrained`` while any patched model lives."""
+def track(root: nn.Module, record: InstallRecord) -> None:
+    """Remember ``root``, just patched by ``record``'s install, and wrap ``PeftModel.save_pretrained`` while any lives."""
     with LOCK:
-        _STATE.roots.add(root)
+        _STATE.roots[root] = weakref.ref(record)
         _wrap_saving()
 
 
 def untrack_unpatched() -> None:
-    """Forget the tracked models that are no longer patched; unwrap saving when none is left."""
+    """Forget the tracked models whose install was removed (O(tracked)); unwrap saving when none is left."""
     with LOCK:
-        for root in list(_STATE.roots):
-            if find_record(root) is None:
-                _STATE.roots.discard(root)
+        for root, ref in list(_STATE.roots.items()):
+            record = ref()
+            if record is None or record.removed:
+                _STATE.roots.pop(root, None)
         if not _STATE.roots:
             _restore(_STATE.saving)
 

@@ -15,9 +15,10 @@ import warnings
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
 from .compat.versions import in_range, installed_version
+from .conventions import MaskConvention
 from .errors import (
     AdapterExistsError,
     InvalidAdapterError,
@@ -32,8 +33,11 @@ from .hooks import InstallRecord
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Adapter",
+    "MaskAdapter",
     "check_requirements",
     "find_adapter",
+    "get_adapter",
+    "installed_adapter",
     "load_entry_points",
     "register_adapter",
     "registered_adapters",
@@ -84,6 +88,22 @@ class Adapter(Protocol):
         ``plan`` only to compare with an existing install. Raises a :class:`MaskpatchError`
         subclass when ``model`` is not what the adapter expects, before anything is installed.
         """
+        ...
+
+
+@runtime_checkable
+class MaskAdapter(Protocol):
+    """An adapter that can say which mask lines up with a patched model's outputs (optional capability).
+
+    :func:`maskpatch.output_mask` finds the install in the model, then asks the adapter that made
+    it (through the install record) by calling this method. An adapter without it makes
+    ``output_mask`` raise :class:`UnsupportedModelError` naming the adapter.
+    """
+
+    def output_mask(
+        self, model: nn.Module, record: InstallRecord, attention_mask: Tensor, *, convention: MaskConvention
+    ) -> Tensor:
+        """Return the mask (in ``convention``) that lines up with ``model``'s outputs under ``record.policy``."""
         ...
 
 
@@ -224,6 +244,21 @@ def find_adapter(model: object) -> Adapter:
         f"no maskpatch adapter handles an object of type {type(model).__module__}.{type(model).__qualname__}; "
         f"registered adapters: {names}"
     )
+
+
+def get_adapter(name: str) -> Adapter:
+    """Return the registered adapter called ``name``; raise :class:`UnknownAdapterError` (a ``KeyError``) if none is."""
+    for adapter in registered_adapters():
+        if adapter.name == name:
+            return adapter
+    known = ", ".join(a.name for a in registered_adapters()) or "none"
+    raise UnknownAdapterError(f"no adapter named {name!r} is registered; registered adapters: {known}")
+
+
+def installed_adapter(record: InstallRecord) -> Adapter:
+    """Return the adapter that made ``record``'s install: the object that planned it, or (a copy) the registered one."""
+    owner: Adapter | None = record.owner  # set by apply to the adapter object it planned with
+    return owner if owner is not None else get_adapter(record.adapter)
 
 
 def check_requirements(adapter: Adapter) -> None:

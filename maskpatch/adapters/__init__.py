@@ -7,6 +7,7 @@ its library in ``sys.modules`` when asked whether it matches a model.
 from __future__ import annotations
 
 from ..registry import Adapter, register_adapter
+from .generic import PrependedTokensAdapter
 from .peft import PeftAdapter
 from .pipelines import PipelineAdapter
 from .sentence_transformers import SentenceTransformersAdapter
@@ -16,6 +17,7 @@ from .x_transformers import XTransformersAdapter
 __all__ = [
     "PeftAdapter",
     "PipelineAdapter",
+    "PrependedTokensAdapter",
     "SentenceTransformersAdapter",
     "TrainerAdapter",
     "XTransformersAdapter",
@@ -27,8 +29,16 @@ __all__ = [
 def builtin_adapters() -> list[Adapter]:
     """Return new instances of maskpatch's own adapters, in the order the registry tries them."""
     # sentence-transformers first: a PeftModel inside a SentenceTransformer is left to it. Hosts
-    # (a pipeline, a Trainer) are objects that call a PeftModel, not modules.
-    return [SentenceTransformersAdapter(), PeftAdapter(), XTransformersAdapter(), PipelineAdapter(), TrainerAdapter()]
+    # (a pipeline, a Trainer) are objects that call a PeftModel, not modules. The generic adapter
+    # matches nothing: ``prepended_tokens=M`` selects it.
+    return [
+        SentenceTransformersAdapter(),
+        PeftAdapter(),
+        XTransformersAdapter(),
+        PipelineAdapter(),
+        TrainerAdapter(),
+        PrependedTokensAdapter(),
+    ]
 
 
 def register_builtin_adapters() -> None:

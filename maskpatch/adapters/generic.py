@@ -20,8 +20,10 @@ The module itself is responsible for masking its own prepended tokens inside; ma
 lines the outputs and the caller's mask up again. One exception: torch's ``nn.TransformerEncoder``,
 ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` inside ``module`` that get the
 caller's ``N``-long ``key_padding_mask`` for an ``N + M`` sequence get ``M`` attending entries in
-front of it (:mod:`maskpatch.adapters.key_padding`). This adapter is never chosen automatically:
-``prepended_tokens`` selects it.
+front of it (:mod:`maskpatch.adapters.key_padding`). This adapter is registered (as
+``"prepended-tokens"``) like every other but never chosen automatically (``matches`` is always
+false: nothing in a module says it prepends): ``prepended_tokens=M`` selects it, with that count
+(:meth:`PrependedTokensAdapter.with_count`).
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from torch import Tensor, nn
 from ..conventions import MaskConvention
 from ..drift import Policy, prefix_mask, strip_positions
 from ..errors import AlreadyPatchedError, DriftError, PolicyError, UnsupportedModelError
-from ..handle import HookSpec, iter_hooks
+from ..handle import HookSpec, find_record, iter_hooks
 from ..hooks import InstallRecord, MaskpatchHook
 from ..inputs import require_module, require_tensor
 from .key_padding import key_padding_specs
 
 __all__ = [
+    "NAME",
     "PrependedOutputHook",
     "PrependedTokensAdapter",
     "check_same_count",
@@ -66,22 +69,55 @@ def validate_count(count: object) -> int:
     return count
 
 
-class PrependedTokensAdapter:
-    """The adapter for a module that prepends ``count`` tokens (built per install, never registered)."""
+#: The registry name of the generic adapter, which ``prepended_tokens=M`` selects.
+NAME = "prepended-tokens"
 
-    name = "prepended-tokens"
+
+class PrependedTokensAdapter:
+    """The adapter for a module that prepends ``count`` tokens.
+
+    The registered instance has no count (``count`` None) and matches nothing;
+    ``maskpatch.apply(module, prepended_tokens=M)`` plans with :meth:`with_count` ``(M)``.
+    """
+
+    name = NAME
     requires = {"torch": ">=2.4"}
     optional: dict[str, str] = {}
 
-    def __init__(self, count: int) -> None:
-        self.count = validate_count(count)
+    def __init__(self, count: int | None = None) -> None:
+        self.count = None if count is None else validate_count(count)
+
+    def with_count(self, count: int) -> PrependedTokensAdapter:
+        """Return an adapter like this one for a module that prepends ``count`` tokens."""
+        return type(self)(count)
 
     def matches(self, model: object) -> bool:
-        return isinstance(model, nn.Module)
+        return False  # never chosen automatically: nothing in a module says it prepends tokens
 
     def plan(self, model: nn.Module, record: InstallRecord) -> list[HookSpec]:
+        if self.count is None:
+            raise PolicyError(
+                "the prepended-tokens adapter needs the number of tokens the module prepends: "
+                "maskpatch.apply(module, prepended_tokens=M)"
+            )
         # torch key-padding modules inside get their mask extended (see maskpatch.adapters.key_padding).
         return [HookSpec(model, PrependedOutputHook(record, self.count)), *key_padding_specs(model, record, self.count)]
+
+    def output_mask(
+        self,
+        model: nn.Module,
+        record: InstallRecord,
+        attention_mask: Tensor,
+        *,
+        convention: MaskConvention = MaskConvention.ONES,
+    ) -> Tensor:
+        """The mask that lines up with the outputs of ``record``'s install (see :func:`prepended_mask`)."""
+        require_tensor(attention_mask, name="mask", where="prepended_mask", dims=(2,))
+        policy: Policy = record.policy
+        if policy == "strip":
+            return attention_mask
+        count = self.count if self.count is not None else _record_count(record, model)
+        return prefix_mask(attention_mask, count, attend=policy == "extend", convention=convention)
 
 
 class PrependedOutputHook(MaskpatchHook):
@@ -175,7 +211,23 @@ def _strip_mapping(output: Mapping[str, Any], count: int) -> Mapping[str, Any]:
 
 
 def _installed_hook(model: nn.Module) -> PrependedOutputHook | None:
+    record = find_record(model)  # O(hooks) for the module apply was called on
+    if record is not None and record.adapter == NAME:
+        hook = next((h for h in record.hooks() if isinstance(h, PrependedOutputHook)), None)
+        if hook is not None:
+            return hook
     return next((hook for _, _, hook in iter_hooks(model) if isinstance(hook, PrependedOutputHook)), None)
+
+
+def _record_count(record: InstallRecord, model: nn.Module) -> int:
+    """The count of ``record``'s prepended-tokens install: from its hooks, or (a copy) found in ``model``."""
+    hook = next((h for h in record.hooks() if isinstance(h, PrependedOutputHook)), None)
+    if hook is None:
+        found = (h for _, _, h in iter_hooks(model) if isinstance(h, PrependedOutputHook) and h.record is record)
+        hook = next(found, None)
+    if hook is None:
+        raise UnsupportedModelError(f"expected a prepended_tokens install in {type(model).__name__}, but found none")
+    return hook.count
 
 
 def installed_count(model: nn.Module) -> int | None:
@@ -218,8 +270,4 @@ def prepended_mask(module: nn.Module, mask: Tensor, *, convention: MaskConventio
             f"expected a module patched with maskpatch.apply(..., prepended_tokens=M), but {type(module).__name__} "
             "has no such install"
         )
-    require_tensor(mask, name="mask", where="prepended_mask", dims=(2,))
-    policy: Policy = hook.record.policy
-    if policy == "strip":
-        return mask
-    return prefix_mask(mask, hook.count, attend=policy == "extend", convention=convention)
+    return PrependedTokensAdapter(hook.count).output_mask(module, hook.record, mask, convention=convention)

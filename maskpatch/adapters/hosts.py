@@ -38,9 +38,10 @@ from ..drift import Policy, check_excess, strip_positions, validate_policy
 from ..errors import AlreadyPatchedError, MaskpatchWarning, PolicyError, UnsupportedModelError
 from ..handle import LOCK, HookSpec, PatchHandle, find_record, install, remove_hooks
 from ..hooks import InstallRecord, MaskpatchHook
-from ..layout import is_peft_model
 from ..registry import check_requirements, find_adapter, registered_adapters
 from .peft import CALL_KEY, PeftCall, PeftCallHook
+from .peft.mask import prompt_output_mask
+from .peft.tasks import Fields, find_task, supported_tasks
 
 __all__ = [
     "AlignOutputHook",
@@ -54,28 +55,19 @@ __all__ = [
     "remove_host_wrappers",
 ]
 
-# Token-level fields of a PeftModel's output per PEFT task class, and the axes with one entry per
-# input position. Sequence-level scores (text classification) have none.
-_SEQ, _ATTN = (1,), (2, 3)
-_COMMON = (("hidden_states", _SEQ), ("attentions", _ATTN))
-_FIELDS: dict[str, tuple[tuple[str, tuple[int, ...]], ...]] = {
-    # ``logits``: a masked-LM base model under FEATURE_EXTRACTION (the fill-mask pipeline).
-    "PeftModelForFeatureExtraction": (("last_hidden_state", _SEQ), ("logits", _SEQ), *_COMMON),
-    "PeftModelForTokenClassification": (("logits", _SEQ), *_COMMON),
-    "PeftModelForSequenceClassification": _COMMON,
-    "PeftModelForQuestionAnswering": (("start_logits", _SEQ), ("end_logits", _SEQ), *_COMMON),
-    "PeftModelForCausalLM": (("logits", _SEQ), *_COMMON),
-}
-
 # The models some host is calling right now, on this thread or task (innermost last).
 _ALIGNING: ContextVar[tuple[nn.Module, ...]] = ContextVar("maskpatch_aligning", default=())
 
 
 def peft_kind(model: object) -> str | None:
-    """Return the PEFT task class name of ``model`` that hosts support, or None."""
-    if not is_peft_model(model):
-        return None
-    return next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in _FIELDS), None)
+    """Return the name of ``model``'s PEFT task class if hosts are supported with it (its row has host fields)."""
+    found = find_task(model)
+    return found[0].__name__ if found is not None and found[1].host_fields is not None else None
+
+
+def _host_fields(model: object) -> Fields:
+    found = find_task(model)
+    return () if found is None or found[1].host_fields is None else found[1].host_fields
 
 
 class AlignOutputHook(MaskpatchHook):
@@ -99,10 +91,10 @@ class AlignOutputHook(MaskpatchHook):
         call = kwargs.get(CALL_KEY)
         if not isinstance(call, PeftCall) or output is None:
             return None  # nothing prepended (prefix tuning, LoRA, a disabled adapter), or the forward raised
-        return cut_output(output, call, fields=_FIELDS.get(peft_kind(module) or "", ()), where=type(module).__name__)
+        return cut_output(output, call, fields=_host_fields(module), where=type(module).__name__)
 
 
-def cut_output(output: Any, call: PeftCall, *, fields: tuple[tuple[str, tuple[int, ...]], ...], where: str) -> Any:
+def cut_output(output: Any, call: PeftCall, *, fields: Fields, where: str) -> Any:
     """Return a copy of ``output`` whose token-level ``fields`` have ``N`` positions; ``output`` is not changed.
 
     A field ``N + M`` long on an axis loses its first ``M`` positions there (views); ``N`` long or
@@ -210,7 +202,7 @@ class HostAdapter:
         """Return the PeftModel ``host`` calls; raise :class:`UnsupportedModelError` for anything else."""
         model = getattr(host, "model", None)
         if peft_kind(model) is None:
-            kinds = ", ".join(sorted(_FIELDS))
+            kinds = ", ".join(supported_tasks(hosts=True))
             raise UnsupportedModelError(
                 f"expected the {type(host).__name__}'s model to be a peft PeftModel of a task class maskpatch "
                 f"lines up for hosts ({kinds}), but got {type(model).__module__}.{type(model).__qualname__}"
@@ -225,6 +217,9 @@ class HostAdapter:
         target = self.model_of(model)
         specs = [] if has_own_install(target) else find_adapter(target).plan(target, record)
         return [*specs, HookSpec(target, AlignOutputHook(record))]
+
+    #: The mask capability on the host's PeftModel (see maskpatch.registry.MaskAdapter).
+    output_mask = staticmethod(prompt_output_mask)
 
     def ensure_wrapper(self) -> None:
         """Wrap the host method that calls the model (see the module docstring)."""

@@ -48,6 +48,7 @@ from ..hooks import (
 from ..layout import active_layout, is_peft_model
 from ..limits import INLINE_WEIGHTEDMEAN, PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
 from .peft_generation import generates_with_peft
+from .peft.mask import prompt_output_mask
 from .st_consumers import consumer_specs
 
 __all__ = [
@@ -108,6 +109,8 @@ class SentenceTransformersAdapter:
             # Consumers that read N-column keys besides the mask (MultiVectorMask): see st_consumers.
             specs.extend(consumer_specs(module, record))
         return specs
+
+    output_mask = staticmethod(prompt_output_mask)  # the mask capability (see maskpatch.registry.MaskAdapter)
 
 
 def _position_specs(inner: object, record: InstallRecord) -> list[HookSpec]:

@@ -71,6 +71,15 @@ class XTransformersAdapter:
                 specs += [HookSpec(module, XtCallHook(record)), HookSpec(module, XtOutputHook(record))]
         return specs
 
+    def output_mask(
+        self, model: nn.Module, record: InstallRecord, attention_mask: Tensor, *, convention: MaskConvention
+    ) -> Tensor:
+        """Refuse: the prepended count is per call here (use this module's :func:`output_mask` with ``prepend``)."""
+        raise PolicyError(
+            "an x-transformers install prepends prepend_embeds per call: use "
+            "maskpatch.adapters.x_transformers.output_mask(model, mask, prepend=prepend_embeds)"
+        )
+
 
 @dataclass(frozen=True)
 class XtCall:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 import maskpatch
 from maskpatch import POLICIES, DriftError
-from maskpatch.adapters.peft import _generation_unsupported
+from maskpatch.adapters.peft.wrappers import _generation_unsupported
 
 from conftest import TEXTS
 from helpers import (

@@ -35,6 +35,7 @@ import maskpatch
 from maskpatch.auto import constants
 from maskpatch.adapters import peft as peft_adapter
 from maskpatch.adapters.peft import PeftCallHook
+from maskpatch.adapters.peft import multitask as peft_multitask
 from maskpatch.hooks import InstallRecord
 
 pytestmark = [
@@ -397,7 +398,7 @@ def test_plan_changes_nothing_not_even_a_class(pristine_peft_class, tiny_model_d
 def test_a_forward_running_while_remove_happens_leaves_no_route_or_hook(pristine_peft_class):
     """remove() during a multitask forward (here: from inside it): afterwards no hook, no route, not patched."""
     pm = prompt_tuned(multitask=True)
-    token = peft_adapter._ROUTES.set(())
+    token = peft_multitask._ROUTES.set(())
     before = residue_snapshot(pm)
     handle = maskpatch.apply(pm)
     user_hook = pm.base_model.register_forward_pre_hook(lambda module, args: handle.remove())
@@ -407,25 +408,25 @@ def test_a_forward_running_while_remove_happens_leaves_no_route_or_hook(pristine
     finally:
         user_hook.remove()
     try:
-        assert peft_adapter._ROUTES.get() == ()
+        assert peft_multitask._ROUTES.get() == ()
         assert not maskpatch.is_patched(pm)
         assert_no_residue(before, pm)
     finally:
-        peft_adapter._ROUTES.reset(token)
+        peft_multitask._ROUTES.reset(token)
 
 
 def test_a_pre_hook_running_after_its_remove_registers_nothing(pristine_peft_class):
     """A PeftCallHook that a forward still calls after remove() registers no TaskIdsHook and pushes no route."""
     pm = prompt_tuned(multitask=True)
-    token = peft_adapter._ROUTES.set(())
+    token = peft_multitask._ROUTES.set(())
     before = residue_snapshot(pm)
     handle = maskpatch.apply(pm)
     hook = next(h for h in pm._forward_pre_hooks.values() if isinstance(h, PeftCallHook))
     handle.remove()
     try:
         hook(pm, (), {"input_ids": IDS, "attention_mask": MASK, "task_ids": torch.tensor([0, 2])})
-        assert peft_adapter._ROUTES.get() == ()
+        assert peft_multitask._ROUTES.get() == ()
         assert not maskpatch.is_patched(pm)
         assert_no_residue(before, pm)
     finally:
-        peft_adapter._ROUTES.reset(token)
+        peft_multitask._ROUTES.reset(token)

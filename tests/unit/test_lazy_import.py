@@ -95,7 +95,15 @@ def test_builtin_adapters_come_first_when_the_registry_is_used_first():
     import json
     print(json.dumps([a.name for a in registered_adapters()]))
     """
-    assert _fresh(code) == ["sentence-transformers", "peft", "x-transformers", "pipeline", "trainer", "mine"]
+    assert _fresh(code) == [
+        "sentence-transformers",
+        "peft",
+        "x-transformers",
+        "pipeline",
+        "trainer",
+        "prepended-tokens",
+        "mine",
+    ]
 
 
 @pytest.mark.parametrize(("old", "new"), [("autoenable", "auto.autoenable"), ("constants", "auto.constants")])

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import pickle
 import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
 
 import pytest
-import torch
 from packaging.specifiers import SpecifierSet
 from torch import nn
 
@@ -29,7 +26,7 @@ from maskpatch import (
     unregister_adapter,
 )
 from maskpatch.handle import HookSpec
-from maskpatch.hooks import InstallRecord, MaskpatchHook
+from maskpatch.hooks import InstallRecord
 from maskpatch.registry import check_requirements, find_adapter, load_entry_points
 
 
@@ -264,49 +261,7 @@ def test_check_requirements_optional_library_is_checked_only_when_installed(monk
 # --- the contract every registered adapter keeps --------------------------------------------
 
 
-def _sentence_transformer_sample(tiny_model_dir) -> nn.Module:
-    from helpers import add_prompt_learning, st_model
-
-    return add_prompt_learning(st_model(tiny_model_dir("bert"), include_prompt=False), m=4)
-
-
-def _peft_model_sample(tiny_model_dir) -> nn.Module:
-    from helpers import add_prompt_learning, st_model
-
-    return add_prompt_learning(st_model(tiny_model_dir("bert")), m=4)[0].model
-
-
-def _x_transformers_sample(tiny_model_dir) -> nn.Module:
-    from x_transformers import Encoder, TransformerWrapper
-
-    return TransformerWrapper(num_tokens=50, max_seq_len=32, num_memory_tokens=2, attn_layers=Encoder(dim=16, depth=1, heads=2))
-
-
-def _pipeline_sample(tiny_model_dir, tmp_path) -> object:
-    import transformers
-
-    return transformers.pipeline(
-        "feature-extraction", model=_peft_model_sample(tiny_model_dir), tokenizer=tiny_model_dir("bert"), device="cpu"
-    )
-
-
-def _trainer_sample(tiny_model_dir, tmp_path) -> object:
-    import transformers
-
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    return transformers.Trainer(model=_peft_model_sample(tiny_model_dir), args=args)
-
-
-#: adapter name -> factory(tiny_model_dir, tmp_path) of a model the adapter matches. An adapter
-#: registered without a sample here fails the plan contract below: add one when you add an adapter.
-#: Hosts (a pipeline, a Trainer) are not modules: their hooks go on the model they call.
-SAMPLES: dict[str, Callable[..., object]] = {
-    "sentence-transformers": lambda tiny, _: _sentence_transformer_sample(tiny),
-    "peft": lambda tiny, _: _peft_model_sample(tiny),
-    "x-transformers": lambda tiny, _: _x_transformers_sample(tiny),
-    "pipeline": _pipeline_sample,
-    "trainer": _trainer_sample,
-}
+# The plan, install/remove and behaviour contract of every adapter: tests/unit/test_adapter_contract.py.
 
 ADAPTERS = registered_adapters()
 
@@ -328,49 +283,6 @@ def test_adapter_contract_does_not_match_foreign_objects(adapter):
     """matches() is false for non-modules and for plain torch modules, and never raises."""
     for foreign in (object(), None, "model", nn.Linear(2, 2), nn.Sequential(nn.ReLU())):
         assert adapter.matches(foreign) is False
-
-
-def _module_state(model: nn.Module) -> list[tuple]:
-    hook_dicts = (
-        "_forward_pre_hooks",
-        "_forward_pre_hooks_with_kwargs",
-        "_forward_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-    )
-    return [(name, sorted(vars(m)), *(dict(getattr(m, d)) for d in hook_dicts)) for name, m in model.named_modules()]
-
-
-@pytest.mark.parametrize("adapter", ADAPTERS, ids=[a.name for a in ADAPTERS])
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_adapter_contract_plan_is_pure_and_hooks_are_picklable(adapter, tiny_model_dir, tmp_path):
-    """plan() changes nothing, returns hooks of module-level classes bound to the record, on the model's
-    own modules, that pickle and deep-copy; apply + remove through the API leaves the model as it was."""
-    assert adapter.name in SAMPLES, f"add a sample model for adapter {adapter.name!r} to SAMPLES in {__file__}"
-    sample = SAMPLES[adapter.name](tiny_model_dir, tmp_path)
-    assert adapter.matches(sample)
-    model = adapter.model_of(sample) if hasattr(adapter, "model_of") else sample
-    before = _module_state(model)
-    params = {k: v.clone() for k, v in model.state_dict().items()}
-    record = InstallRecord("extend", adapter.name, pinned=True)
-
-    specs = adapter.plan(sample, record)
-
-    assert _module_state(model) == before
-    assert specs and all(isinstance(spec, HookSpec) for spec in specs)
-    submodules = {id(m) for m in model.modules()}
-    for spec in specs:
-        assert id(spec.module) in submodules
-        assert isinstance(spec.hook, MaskpatchHook) and spec.hook.record is record
-        assert "<locals>" not in type(spec.hook).__qualname__
-        copy = pickle.loads(pickle.dumps(spec.hook))
-        assert type(copy) is type(spec.hook) and copy.record.policy == "extend"
-    handle = maskpatch.apply(sample, policy="extend")
-    assert maskpatch.is_patched(sample)
-    handle.remove()
-    assert not maskpatch.is_patched(sample)
-    assert _module_state(model) == before
-    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
 
 
 def test_every_adapter_matches_without_importing_its_library():
