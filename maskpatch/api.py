@@ -104,8 +104,9 @@ def patched(
     """
     host = host_adapter(model)
     if host is not None:
-        options = {"policy": policy, "check_versions": check_versions, "prepended_tokens": prepended_tokens}
-        with patched_host(host, model, **options) as handle:
+        with patched_host(
+            host, model, policy=policy, check_versions=check_versions, prepended_tokens=prepended_tokens
+        ) as handle:
             yield handle
         return
     policy = _validate(model, policy, prepended_tokens)

@@ -332,7 +332,7 @@ def audit(model: nn.Module, *, report: AuditReport | None = None) -> AuditSessio
     handles: list[RemovableHandle] = []
     try:
         for module, hook in specs:
-            handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))  # type: ignore[arg-type]
     except BaseException:
         for handle in handles:
             handle.remove()
@@ -362,8 +362,5 @@ def _observer_specs(model: nn.Module, report: AuditReport) -> list[tuple[nn.Modu
 
 def is_audited(model: nn.Module, report: AuditReport) -> bool:
     """Return whether ``model`` already carries an observer that records into ``report``."""
-    return any(
-        isinstance(hook, AuditHook) and hook.report is report
-        for module in model.modules()
-        for hook in module._forward_hooks.values()
-    )
+    hooks: list[object] = [hook for module in model.modules() for hook in module._forward_hooks.values()]
+    return any(isinstance(hook, AuditHook) and hook.report is report for hook in hooks)

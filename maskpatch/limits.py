@@ -35,9 +35,9 @@ from .layout import active_layout, is_peft_model
 from .positions import PositionScheme, position_scheme
 
 __all__ = [
+    "INLINE_WEIGHTEDMEAN",
     "LEFT_PADDING",
     "LIMITS",
-    "INLINE_WEIGHTEDMEAN",
     "PART_MODEL_POOLING",
     "SLIDING_WINDOW",
     "Limit",

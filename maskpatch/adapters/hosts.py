@@ -105,13 +105,15 @@ def cut_output(output: Any, call: PeftCall, *, fields: Fields, where: str) -> An
             f"{where}: expected a ModelOutput to line up with the host's tokens, but the model returned "
             f"{type(output).__qualname__} (was return_dict=False passed?)"
         )
-    aligned = copy.copy(output)
+    aligned: Any = copy.copy(output)  # the same type: a dict or a ModelOutput
     for name, dims in fields:
         value = output.get(name)
         if isinstance(value, Tensor):
             aligned[name] = _cut(value, dims, call, f"{where} output {name!r}")
         elif value is not None:
-            aligned[name] = type(value)(_cut(v, dims, call, f"{where} output {name!r}[{i}]") for i, v in enumerate(value))
+            aligned[name] = type(value)(
+                _cut(v, dims, call, f"{where} output {name!r}[{i}]") for i, v in enumerate(value)
+            )
     return aligned
 
 
@@ -120,7 +122,9 @@ def _cut(value: Tensor, dims: tuple[int, ...], call: PeftCall, where: str) -> Te
         size = value.shape[dim]
         if size > call.n:
             text = f"{where} has {size} positions on axis {dim} but the input has {call.n}"
-            value = strip_positions(value, check_excess(size - call.n, call.m, where=text, adapter=call.adapter), dim=dim)
+            value = strip_positions(
+                value, check_excess(size - call.n, call.m, where=text, adapter=call.adapter), dim=dim
+            )
     return value
 
 
@@ -164,7 +168,7 @@ def remove_host_wrappers() -> int:
         while _WRAPPED:
             cls, method = _WRAPPED.pop()
             current = cls.__dict__.get(method)
-            if getattr(current, "_self_wrapper", None) is _aligning_wrapper:
+            if current is not None and getattr(current, "_self_wrapper", None) is _aligning_wrapper:
                 type.__setattr__(cls, method, current.__wrapped__)
                 restored += 1
     return restored
@@ -201,7 +205,7 @@ class HostAdapter:
     def model_of(self, host: Any) -> nn.Module:
         """Return the PeftModel ``host`` calls; raise :class:`UnsupportedModelError` for anything else."""
         model = getattr(host, "model", None)
-        if peft_kind(model) is None:
+        if not isinstance(model, nn.Module) or peft_kind(model) is None:
             kinds = ", ".join(supported_tasks(hosts=True))
             raise UnsupportedModelError(
                 f"expected the {type(host).__name__}'s model to be a peft PeftModel of a task class maskpatch "
@@ -301,9 +305,10 @@ def _install_host(
                 f"{existing.policy!r}, but policy {policy!r} was asked for; remove that install first "
                 "(its handle.remove() or maskpatch.remove(model))"
             )
-        if _host_record(model) is not None:
+        joined = _host_record(model)
+        if joined is not None:
             adapter.ensure_wrapper()  # a copy (pickle, deepcopy) of a patched host, in a fresh process
-            return PatchHandle(model, _host_record(model)), True
+            return PatchHandle(model, joined), True
         if check_versions:
             check_requirements(adapter)
             if not has_own_install(model):

@@ -112,7 +112,7 @@ def _prepare_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs:
     return prepared
 
 
-class _PeftView(wrapt.ObjectProxy):  # type: ignore[misc]
+class _PeftView(wrapt.ObjectProxy):  # type: ignore[type-arg]
     """The PeftModel as PEFT's ``prepare_inputs_for_generation`` sees it: its base preparation is replaced.
 
     Lives for one call; the model itself is not changed.

@@ -47,8 +47,8 @@ from ..hooks import (
 )
 from ..layout import active_layout, is_peft_model
 from ..limits import INLINE_WEIGHTEDMEAN, PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
-from .peft_generation import generates_with_peft
 from .peft.mask import prompt_output_mask
+from .peft_generation import generates_with_peft
 from .st_consumers import consumer_specs
 
 __all__ = [
@@ -92,7 +92,12 @@ class SentenceTransformersAdapter:
                     specs.append(HookSpec(module, InlineMaskGuardHook(record)))
                 specs.append(HookSpec(module, TransformerOutputHook(record, sees_pooling=sees_pooling, inline=inline)))
                 specs.extend(_position_specs(inner_model(module), record))
-            elif isinstance(module, classes.pooling) and record.policy == "ignore" and _weighted(module) and weighs_by_column:
+            elif (
+                isinstance(module, classes.pooling)
+                and record.policy == "ignore"
+                and _weighted(module)
+                and weighs_by_column
+            ):
                 report(
                     record,
                     INLINE_WEIGHTEDMEAN,

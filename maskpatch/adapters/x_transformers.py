@@ -145,7 +145,9 @@ def _pools(wrapper: nn.Module) -> bool:
 
 def _layer_tokens(wrapper: nn.Module) -> int:
     """K + C: the memory and CLS tokens ``wrapper`` puts in front inside its attention layers."""
-    cls_tokens = int(getattr(wrapper, "num_cls_tokens", 0) or 0) if getattr(wrapper, "cls_token", None) is not None else 0
+    cls_tokens = (
+        int(getattr(wrapper, "num_cls_tokens", 0) or 0) if getattr(wrapper, "cls_token", None) is not None else 0
+    )
     return int(getattr(wrapper, "num_memory_tokens", 0) or 0) + cls_tokens
 
 

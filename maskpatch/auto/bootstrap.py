@@ -103,7 +103,7 @@ class _StrictRefusal:
         # transformers does to see what is installed) still works; importing it raises.
         from importlib.machinery import ModuleSpec
 
-        return ModuleSpec(fullname, self)
+        return ModuleSpec(fullname, self)  # type: ignore[arg-type]  # a loader by protocol (exec_module)
 
     def create_module(self, spec: ModuleSpec) -> None:
         return None

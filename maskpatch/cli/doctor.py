@@ -126,7 +126,7 @@ def diagnose(
         drift = measure_drift(model, inputs)
     except DoctorError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a model that cannot even run the probe is reported, not traced
+    except Exception as exc:
         raise DoctorError(f"cannot probe {str(model_dir)!r}: {type(exc).__name__}: {exc}") from exc
     unpatched = _invariance(model, inputs, None)
     results = [] if drift.status == "unexplained" else [_probe_policy(model, inputs, p) for p in POLICIES]
@@ -460,7 +460,9 @@ def _main_audit(args: argparse.Namespace) -> int:
         print(f"maskpatch doctor: error: {exc}", file=sys.stderr)
         return EXIT_LOAD
     if args.json:
-        print(json.dumps({"model_dir": str(args.model_dir), "findings": [asdict(f) for f in report.findings]}, indent=2))
+        print(
+            json.dumps({"model_dir": str(args.model_dir), "findings": [asdict(f) for f in report.findings]}, indent=2)
+        )
     else:
         print(format_audit(str(args.model_dir), report))
     return EXIT_OK if all(f.explained for f in report.findings) else EXIT_PROBLEM

@@ -100,8 +100,9 @@ def st_model_classes() -> list[type]:
     """Return the model classes whose construction auto-enable patches, among those already imported.
 
     5.4+: ``BaseModel`` (every model class derives from it); before: ``SentenceTransformer``
-    (``SparseEncoder`` derives from it; the CrossEncoder of those releases is left to ``apply``). Looked up in ``sys.modules`` only, never imported (the caller runs while
-    sentence-transformers itself is being imported).
+    (``SparseEncoder`` derives from it; the CrossEncoder of those releases is left to ``apply``).
+    Looked up in ``sys.modules`` only, never imported (the caller runs while sentence-transformers
+    itself is being imported).
     """
     base = _find(_MODEL_CLASSES[0], loaded_only=True)
     if base is not None:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import state
 from torch import Tensor, nn
 
 import maskpatch
 from maskpatch import MaskConvention
 from maskpatch.adapters.key_padding import KeyPaddingMaskHook
+
+from helpers import state
 
 M = 3
 D = 16

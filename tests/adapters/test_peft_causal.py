@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from packaging.version import Version
 from torch import Tensor
 
 import maskpatch
@@ -43,7 +42,6 @@ def _mask(ids: Tensor) -> Tensor:
 
 def causal_lm(kind: str = "prompt", m: int = M):
     """A PeftModelForCausalLM over a tiny random Qwen2 with non-trivial prompt parameters."""
-    import transformers
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
     torch.manual_seed(0)
@@ -290,7 +288,6 @@ def test_ptuning_generate_is_batch_invariant(policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_feature_extraction_on_a_decoder_with_left_padding(policy):
     """PeftModelForFeatureExtraction over a Qwen2Model: equals the reference and is batch invariant when left-padded."""
-    import transformers
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     torch.manual_seed(0)

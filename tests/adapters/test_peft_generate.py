@@ -66,8 +66,14 @@ def causal_lm(kind: str):
 
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
     )
     task = peft.TaskType.CAUSAL_LM
     peft_config = {
@@ -89,8 +95,16 @@ def seq2seq_lm(kind: str):
 
     torch.manual_seed(0)
     config = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, pad_token_id=0,
-        decoder_start_token_id=0, eos_token_id=1, dropout_rate=0.0,
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
     )
     config._attn_implementation = "eager"
     task = peft.TaskType.SEQ_2_SEQ_LM
@@ -105,8 +119,14 @@ def _generate(model, ids: Tensor, **kwargs: Any):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model.generate(
-            input_ids=ids, attention_mask=_mask(ids), max_new_tokens=STEPS, do_sample=False, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=0, **kwargs,
+            input_ids=ids,
+            attention_mask=_mask(ids),
+            max_new_tokens=STEPS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            **kwargs,
         )
 
 

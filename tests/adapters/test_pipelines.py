@@ -67,8 +67,13 @@ def peft_model(cls_name: str, task_type: str, vocab: int, *, seed: int = 0, init
 
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        initializer_range=init, **extra,
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        initializer_range=init,
+        **extra,
     )
     if "Llama" in cls_name:
         config = transformers.LlamaConfig(num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, **common)
@@ -76,8 +81,10 @@ def peft_model(cls_name: str, task_type: str, vocab: int, *, seed: int = 0, init
         config = transformers.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = get_peft_model(getattr(transformers, cls_name)(config).eval(), PromptTuningConfig(
-            task_type=task_type, num_virtual_tokens=M))
+        pm = get_peft_model(
+            getattr(transformers, cls_name)(config).eval(),
+            PromptTuningConfig(task_type=task_type, num_virtual_tokens=M),
+        )
     with torch.no_grad():
         pm.prompt_encoder.default.embedding.weight.normal_(0, 1.0)
     return pm.eval()
@@ -137,8 +144,14 @@ def test_feature_extraction_equals_real_token_reference_alone_and_batched(encode
 @pytest.fixture(scope="module")
 def tagger(tokenizer):
     return peft_model(
-        "BertForTokenClassification", "TOKEN_CLS", tokenizer.vocab_size, num_labels=5, id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()}, seed=3, init=0.5,
+        "BertForTokenClassification",
+        "TOKEN_CLS",
+        tokenizer.vocab_size,
+        num_labels=5,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+        seed=3,
+        init=0.5,
     )
 
 
@@ -151,8 +164,10 @@ def token_classification_by_hand(pipe, pm, text: str, strategy: str) -> list[dic
     outputs = []
     for chunk in pipe.preprocess(text, **preprocess):
         chunk = dict(chunk)
-        side = {key: chunk.pop(key, None) for key in
-                ("special_tokens_mask", "offset_mapping", "sentence", "is_last", "word_ids", "word_to_chars_map")}
+        side = {
+            key: chunk.pop(key, None)
+            for key in ("special_tokens_mask", "offset_mapping", "sentence", "is_last", "word_ids", "word_to_chars_map")
+        }
         logits = real_token_outputs(pm, chunk)["logits"]
         outputs.append({"logits": logits, **side, **chunk})
     assert isinstance(postprocess["aggregation_strategy"], AggregationStrategy)
@@ -340,7 +355,7 @@ def test_an_existing_install_of_the_model_is_joined_and_kept(encoder, tokenizer)
     before = state(encoder)
     with maskpatch.patched(encoder, policy="extend"):
         patched_model = state(encoder)
-        with pytest.raises(AlreadyPatchedError, match="'extend'.*'strip'"):
+        with pytest.raises(AlreadyPatchedError, match=r"'extend'.*'strip'"):
             maskpatch.apply(pipe, policy="strip")
         assert state(encoder) == patched_model
         handle = maskpatch.apply(pipe, policy="extend")
@@ -372,8 +387,9 @@ def test_a_pickled_model_of_a_patched_pipeline_works_in_a_new_pipeline_after_a_f
 
     from maskpatch.adapters.hosts import remove_host_wrappers
 
-    expected = token_classification_by_hand(make_pipeline("token-classification", tagger, tokenizer), tagger, TEXTS[1],
-                                            "none")
+    expected = token_classification_by_hand(
+        make_pipeline("token-classification", tagger, tokenizer), tagger, TEXTS[1], "none"
+    )
     with maskpatch.patched(make_pipeline("token-classification", tagger, tokenizer), policy="extend"):
         blob = pickle.dumps(tagger)
     assert remove_host_wrappers() >= 1
@@ -387,9 +403,19 @@ def test_unsupported_pipelines_and_models_are_refused(tokenizer):
     """A pipeline around a model that is not a PeftModel, or of a task maskpatch does not line up, raises."""
     import transformers
 
-    plain = make_pipeline("feature-extraction", transformers.BertModel(transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=64)), tokenizer)
+    plain = make_pipeline(
+        "feature-extraction",
+        transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                intermediate_size=64,
+            )
+        ),
+        tokenizer,
+    )
     with pytest.raises(UnsupportedModelError, match="PeftModel"):
         maskpatch.apply(plain)
     scorer = peft_model("BertForSequenceClassification", "SEQ_CLS", tokenizer.vocab_size, num_labels=3)
@@ -411,8 +437,15 @@ def test_auto_enable_patches_new_pipelines_around_prompt_learning_models(tokeniz
     before = [cls.__dict__["__init__"] for cls in classes]
     try:
         autoenable.enable(policy="extend")
-        pm = peft_model("BertForTokenClassification", "TOKEN_CLS", tokenizer.vocab_size, num_labels=5,
-                        id2label=LABELS, seed=3, init=0.5)
+        pm = peft_model(
+            "BertForTokenClassification",
+            "TOKEN_CLS",
+            tokenizer.vocab_size,
+            num_labels=5,
+            id2label=LABELS,
+            seed=3,
+            init=0.5,
+        )
         assert maskpatch.is_patched(pm)
         pipe = make_pipeline("token-classification", pm, tokenizer)
         assert maskpatch.is_patched(pipe)

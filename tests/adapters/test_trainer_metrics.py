@@ -62,13 +62,22 @@ def tagger():
 
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3, initializer_range=0.5,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+        initializer_range=0.5,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = get_peft_model(transformers.BertForTokenClassification(config).eval(),
-                            PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=M))
+        pm = get_peft_model(
+            transformers.BertForTokenClassification(config).eval(),
+            PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=M),
+        )
     with torch.no_grad():
         pm.prompt_encoder.default.embedding.weight.normal_(0, 1.0)
     return pm.eval()
@@ -113,15 +122,20 @@ class ZipAccuracy:
     def __call__(self, prediction) -> dict[str, float]:
         predictions, labels = prediction.predictions.argmax(-1), prediction.label_ids
         self.shapes.append((predictions.shape, labels.shape))
-        pairs = [(p, l) for row_p, row_l in zip(predictions, labels) for p, l in zip(row_p, row_l) if l != -100]
-        return {"accuracy": sum(int(p == l) for p, l in pairs) / len(pairs)}
+        rows = zip(predictions, labels, strict=True)
+        pairs = [(p, y) for row_p, row_y in rows for p, y in zip(row_p, row_y, strict=True) if y != -100]
+        return {"accuracy": sum(int(p == y) for p, y in pairs) / len(pairs)}
 
 
 def make_trainer(pm, tmp_path, metric: ZipAccuracy):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_eval_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
         remove_unused_columns=False,
     )
     with warnings.catch_warnings():

@@ -21,11 +21,12 @@ from __future__ import annotations
 import pytest
 import torch
 import x_transformers
-from helpers import state
 from torch import Tensor
 
 import maskpatch
 from maskpatch.adapters.x_transformers import output_mask
+
+from helpers import state
 
 P, K, D, N = 3, 2, 16, 5
 TOL = 1e-5
@@ -196,7 +197,10 @@ def test_cls_token_output_is_pooled_and_left_alone_but_intermediates_are_cut():
     """With 6 CLS tokens (more than N) the pooled output is untouched; hiddens lose C + P under strip."""
     torch.manual_seed(0)
     model = x_transformers.TransformerWrapper(
-        num_tokens=50, max_seq_len=32, use_cls_token=True, num_cls_tokens=6,
+        num_tokens=50,
+        max_seq_len=32,
+        use_cls_token=True,
+        num_cls_tokens=6,
         attn_layers=x_transformers.Encoder(dim=D, depth=1, heads=2),
     ).eval()
     with torch.no_grad():

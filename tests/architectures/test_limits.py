@@ -19,12 +19,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import TEXTS
-from helpers import add_prompt_learning, encode, st_model, with_head
 
 import maskpatch
 from maskpatch import KnownLimitError, MaskpatchWarning
 from maskpatch.cli import doctor
+
+from conftest import TEXTS
+from helpers import add_prompt_learning, encode, st_model, with_head
 
 M = 4
 TOL = 1e-5

@@ -39,12 +39,13 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import TEXTS, minilm_path
-from helpers import st_model
 from torch import Tensor
 
 import maskpatch
 from maskpatch import POLICIES, MaskpatchWarning
+
+from conftest import TEXTS, minilm_path
+from helpers import st_model
 
 M = 4
 TOL = 1e-5

@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
 from test_hostile_findings import IDS, MASK, Prepends, prompt_tuned
 from torch import nn
 
 import maskpatch
 from maskpatch.auto import autoenable
+
+from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),
@@ -70,68 +71,187 @@ P, U, A = maskpatch.PolicyError, maskpatch.UnsupportedModelError, maskpatch.Alre
 CASES = [
     # policies
     *(
-        Case(f"apply-policy-{bad!r}", "pm", lambda m, bad=bad: maskpatch.apply(m, policy=bad), P, "expected a policy", repr(bad))
+        Case(
+            f"apply-policy-{bad!r}",
+            "pm",
+            lambda m, bad=bad: maskpatch.apply(m, policy=bad),
+            P,
+            "expected a policy",
+            repr(bad),
+        )
         for bad in ("banana", None, 3, "EXTEND", ("extend",))
     ),
     Case("patched-policy", "st", patched_block(policy="banana"), P, "expected a policy", "'banana'"),
     # objects that are not models
     *(
-        Case(f"apply-{type(bad).__name__}", "pm", lambda m, bad=bad: maskpatch.apply(bad), U, "expected a torch.nn.Module", found)
+        Case(
+            f"apply-{type(bad).__name__}",
+            "pm",
+            lambda m, bad=bad: maskpatch.apply(bad),
+            U,
+            "expected a torch.nn.Module",
+            found,
+        )
         for bad, found in (("model", "str"), (None, "NoneType"), ({"a": 1}, "dict"), (3, "int"))
     ),
     Case("remove-str", "pm", lambda m: maskpatch.remove("model"), U, "expected a torch.nn.Module", "str"),
     Case("apply-linear", "pm", lambda m: maskpatch.apply(nn.Linear(2, 2)), U, "registered adapters", "Linear"),
     # prepended_tokens
     *(
-        Case(f"count-{found}"[:24], "module", lambda m, bad=bad: maskpatch.apply(m, prepended_tokens=bad), P,
-             "expected prepended_tokens to be a positive int", found)
+        Case(
+            f"count-{found}"[:24],
+            "module",
+            lambda m, bad=bad: maskpatch.apply(m, prepended_tokens=bad),
+            P,
+            "expected prepended_tokens to be a positive int",
+            found,
+        )
         for bad, found in (
-            (0, "0"), (-1, "-1"), (True, "True"), (2.5, "2.5"), ("4", "'4'"), (10**30, str(10**30)), (10**100, "... (int)")
+            (0, "0"),
+            (-1, "-1"),
+            (True, "True"),
+            (2.5, "2.5"),
+            ("4", "'4'"),
+            (10**30, str(10**30)),
+            (10**100, "... (int)"),
         )
     ),
     # a second install that asks for something else
     Case("policy-change", "st", lambda m: maskpatch.apply(m, policy="extend"), A, "policy 'strip'", "'extend'", STRIP),
-    Case("count-change", "module", lambda m: maskpatch.apply(m, policy="strip", prepended_tokens=4), A,
-         "prepended_tokens=3", "prepended_tokens=4", PREPENDED),
-    Case("count-on-st", "st", lambda m: maskpatch.apply(m, policy="strip", prepended_tokens=3), A,
-         "prepended_tokens=3 was asked", "another adapter", STRIP),
+    Case(
+        "count-change",
+        "module",
+        lambda m: maskpatch.apply(m, policy="strip", prepended_tokens=4),
+        A,
+        "prepended_tokens=3",
+        "prepended_tokens=4",
+        PREPENDED,
+    ),
+    Case(
+        "count-on-st",
+        "st",
+        lambda m: maskpatch.apply(m, policy="strip", prepended_tokens=3),
+        A,
+        "prepended_tokens=3 was asked",
+        "another adapter",
+        STRIP,
+    ),
     # masks for extend / ignore
-    Case("output-mask-unpatched", "pm", lambda m: maskpatch.output_mask(m, MASK), U, "expected a model patched",
-         "is not patched"),
-    Case("output-mask-str", "pm", lambda m: maskpatch.output_mask("model", MASK), U, "expected a torch.nn.Module", "str"),
+    Case(
+        "output-mask-unpatched",
+        "pm",
+        lambda m: maskpatch.output_mask(m, MASK),
+        U,
+        "expected a model patched",
+        "is not patched",
+    ),
+    Case(
+        "output-mask-str", "pm", lambda m: maskpatch.output_mask("model", MASK), U, "expected a torch.nn.Module", "str"
+    ),
     *(
-        Case(f"output-mask-{name}", "pm", lambda m, bad=bad: maskpatch.output_mask(m, bad), P,
-             "expected attention_mask to be a torch.Tensor with 2 dimensions", found, STRIP)
+        Case(
+            f"output-mask-{name}",
+            "pm",
+            lambda m, bad=bad: maskpatch.output_mask(m, bad),
+            P,
+            "expected attention_mask to be a torch.Tensor with 2 dimensions",
+            found,
+            STRIP,
+        )
         for name, bad, found in (
-            ("list", [[1, 1]], "list"), ("ndarray", np.ones((1, 2)), "numpy.ndarray"), ("none", None, "None"),
-            ("1d", torch.ones(3), "shape (3,)"), ("3d", torch.ones(1, 2, 3), "shape (1, 2, 3)"),
+            ("list", [[1, 1]], "list"),
+            ("ndarray", np.ones((1, 2)), "numpy.ndarray"),
+            ("none", None, "None"),
+            ("1d", torch.ones(3), "shape (3,)"),
+            ("3d", torch.ones(1, 2, 3), "shape (1, 2, 3)"),
         )
     ),
-    Case("prepended-mask-unpatched", "module", lambda m: maskpatch.prepended_mask(m, MASK), U,
-         "expected a module patched", "has no such install"),
+    Case(
+        "prepended-mask-unpatched",
+        "module",
+        lambda m: maskpatch.prepended_mask(m, MASK),
+        U,
+        "expected a module patched",
+        "has no such install",
+    ),
     *(
-        Case(f"prepended-mask-{name}", "module", lambda m, bad=bad: maskpatch.prepended_mask(m, bad), P,
-             "expected mask to be a torch.Tensor with 2 dimensions", found, PREPENDED)
+        Case(
+            f"prepended-mask-{name}",
+            "module",
+            lambda m, bad=bad: maskpatch.prepended_mask(m, bad),
+            P,
+            "expected mask to be a torch.Tensor with 2 dimensions",
+            found,
+            PREPENDED,
+        )
         for name, bad, found in (("list", [[1, 1]], "list"), ("none", None, "None"), ("1d", torch.ones(3), "(3,)"))
     ),
     # forwards of a patched model with inputs it cannot take
-    Case("mask-4d", "pm", forward(attention_mask=torch.ones(2, 1, 7, 7)), P, "causal language models",
-         "(2, 1, 7, 7)", STRIP),
-    Case("position-ids-text", "pm", forward(position_ids=[["a"]]), P, "expected position_ids to be a tensor",
-         "list", STRIP),
-    Case("qa-list-start", "qa", forward(start_positions=[1, 2], end_positions=torch.tensor([3, 4])), P,
-         "expected start_positions to be a torch.Tensor", "list", STRIP),
-    Case("qa-list-types", "qa", forward(token_type_ids=[[0] * 7] * 2), P, "expected token_type_ids to be a torch.Tensor",
-         "list", STRIP),
+    Case(
+        "mask-4d",
+        "pm",
+        forward(attention_mask=torch.ones(2, 1, 7, 7)),
+        P,
+        "causal language models",
+        "(2, 1, 7, 7)",
+        STRIP,
+    ),
+    Case(
+        "position-ids-text",
+        "pm",
+        forward(position_ids=[["a"]]),
+        P,
+        "expected position_ids to be a tensor",
+        "list",
+        STRIP,
+    ),
+    Case(
+        "qa-list-start",
+        "qa",
+        forward(start_positions=[1, 2], end_positions=torch.tensor([3, 4])),
+        P,
+        "expected start_positions to be a torch.Tensor",
+        "list",
+        STRIP,
+    ),
+    Case(
+        "qa-list-types",
+        "qa",
+        forward(token_type_ids=[[0] * 7] * 2),
+        P,
+        "expected token_type_ids to be a torch.Tensor",
+        "list",
+        STRIP,
+    ),
     Case("mpt-no-task-ids", "mpt", forward(), P, "needs task_ids", "multitask prompt tuning adapter", STRIP),
-    Case("wrong-count", "module", lambda m: m(X[:, :, :]), maskpatch.DriftError, "7 positions", "(2, 8, 8)",
-         {"policy": "strip", "prepended_tokens": 2}),
-    Case("wrong-count-peft", "pm", forward(), maskpatch.DriftError, "9 positions", "(2, 11, 32)",
-         {"policy": "strip", "prepended_tokens": 2}),
+    Case(
+        "wrong-count",
+        "module",
+        lambda m: m(X[:, :, :]),
+        maskpatch.DriftError,
+        "7 positions",
+        "(2, 8, 8)",
+        {"policy": "strip", "prepended_tokens": 2},
+    ),
+    Case(
+        "wrong-count-peft",
+        "pm",
+        forward(),
+        maskpatch.DriftError,
+        "9 positions",
+        "(2, 11, 32)",
+        {"policy": "strip", "prepended_tokens": 2},
+    ),
     # auto-enable from code
     Case("enable-policy", "st", lambda m: autoenable.enable(policy="banana"), P, "expected a policy", "'banana'"),
-    Case("enable-adapters", "st", lambda m: autoenable.enable(disabled_adapters="nope"), P,
-         "expected registered adapter names", "'nope'"),
+    Case(
+        "enable-adapters",
+        "st",
+        lambda m: autoenable.enable(disabled_adapters="nope"),
+        P,
+        "expected registered adapter names",
+        "'nope'",
+    ),
 ]
 
 

@@ -81,8 +81,18 @@ def test_usage_errors_exit_2_without_a_traceback(name, capsys):
 
 
 BAD_DIRS = (
-    "missing-dir", "file-not-dir", "empty-dir", "config-not-json", "config-list", "config-null", "config-type-attr",
-    "config-type-number", "hf-config-garbage", "adapter-missing", "adapter-empty", "adapter-garbage",
+    "missing-dir",
+    "file-not-dir",
+    "empty-dir",
+    "config-not-json",
+    "config-list",
+    "config-null",
+    "config-type-attr",
+    "config-type-number",
+    "hf-config-garbage",
+    "adapter-missing",
+    "adapter-empty",
+    "adapter-garbage",
 )
 
 
@@ -112,6 +122,8 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
         127: [sys.executable, "-m", "maskpatch.cli", "run", "--", str(tmp_path / "no-such-command")],
     }
     for status, command in runs.items():
-        result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path))
+        result = subprocess.run(
+            command, check=False, capture_output=True, text=True, env=env, timeout=240, cwd=str(tmp_path)
+        )
         assert result.returncode == status, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -28,15 +28,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model, with_head
 from torch import Tensor, nn
 
 import maskpatch
-from maskpatch.auto import constants
 from maskpatch.adapters import peft as peft_adapter
 from maskpatch.adapters.peft import PeftCallHook
 from maskpatch.adapters.peft import multitask as peft_multitask
+from maskpatch.auto import constants
 from maskpatch.hooks import InstallRecord
+
+from helpers import add_prompt_learning, assert_no_residue, encode, residue_snapshot, st_model, with_head
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),
@@ -56,8 +57,14 @@ def tiny_bert(cls_name: str = "BertModel", **extra):
 
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **extra,
     )
     return getattr(transformers, cls_name)(config).eval()
 
@@ -211,8 +218,13 @@ def test_question_answering_loss_keeps_the_tuple_order():
     """With return_dict=False the loss comes first, as transformers returns it."""
     pm = prompt_tuned("QUESTION_ANS")
     with maskpatch.patched(pm, policy="strip"), torch.no_grad():
-        out = pm(input_ids=IDS, attention_mask=MASK, start_positions=torch.tensor([1, 2]),
-                 end_positions=torch.tensor([3, 4]), return_dict=False)
+        out = pm(
+            input_ids=IDS,
+            attention_mask=MASK,
+            start_positions=torch.tensor([1, 2]),
+            end_positions=torch.tensor([3, 4]),
+            return_dict=False,
+        )
     assert out[0].dim() == 0 and out[1].shape == IDS.shape
 
 
@@ -327,8 +339,13 @@ def test_strict_with_a_bad_policy_fails_a_retried_import_too(tmp_path):
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MASKPATCH_") and k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)], check=False, capture_output=True, text=True, env=env,
-        timeout=240, cwd=str(tmp_path),
+        [sys.executable, "-W", "ignore", "-c", textwrap.dedent(code)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+        cwd=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['PolicyError', 'PolicyError']"

@@ -20,12 +20,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import TEXTS
-from helpers import add_prompt_learning, encode, st_model, state
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import maskpatch
 from maskpatch.auditing import AuditHook, PeftOutputObserver, TransformerOutputObserver
+
+from conftest import TEXTS
+from helpers import add_prompt_learning, encode, st_model, state
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*")
 
@@ -183,7 +184,11 @@ def test_unexplained_excess_is_recorded_as_such():
     finally:
         user.remove()
     (finding,) = report.findings
-    assert (finding.output_length, finding.mask_length, finding.explained) == (IDS.shape[1] + M + 2, IDS.shape[1], False)
+    assert (finding.output_length, finding.mask_length, finding.explained) == (
+        IDS.shape[1] + M + 2,
+        IDS.shape[1],
+        False,
+    )
     assert all(text.startswith("raises DriftError") for text in finding.policies.values())
     assert "NOT explained" in finding.describe()
 
@@ -194,7 +199,7 @@ def test_unsupported_objects_are_refused_before_any_hook():
     with pytest.raises(maskpatch.UnsupportedModelError, match="no maskpatch adapter handles"):
         maskpatch.audit(module)
     assert not module._forward_hooks
-    with pytest.raises(maskpatch.UnsupportedModelError, match="expected a torch.nn.Module"):
+    with pytest.raises(maskpatch.UnsupportedModelError, match=r"expected a torch\.nn\.Module"):
         maskpatch.audit("not a model")  # type: ignore[arg-type]
 
 
@@ -238,7 +243,9 @@ def test_observers_dispatch_no_tensor_op(tiny_bert):
     pm = _token_cls_peft()
     with torch.no_grad():
         peft_out = pm(input_ids=IDS, attention_mask=MASK)
-    peft_observer = PeftOutputObserver(report, "PeftModel", "", "PeftModelForTokenClassification", "PeftModelForTokenClassification")
+    peft_observer = PeftOutputObserver(
+        report, "PeftModel", "", "PeftModelForTokenClassification", "PeftModelForTokenClassification"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(2):  # the first call records, the second is the steady state
@@ -310,7 +317,12 @@ def test_maskpatch_auto_audit_reports_every_created_model_and_changes_nothing(ti
     env.update(MASKPATCH_AUTO="audit", HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
     result = subprocess.run(
         [sys.executable, "-c", AUDIT_PROBE, tiny_bert, str(root / "tests")],
-        capture_output=True, text=True, env=env, cwd=str(root), timeout=240, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(root),
+        timeout=240,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])

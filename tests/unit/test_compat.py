@@ -47,7 +47,7 @@ def test_only_imported_libraries_are_checked():
     """An old sentence-transformers that was never imported does not block apply(peft_model)."""
     installed = {**OLD, "transformers": "5.23.0", "peft": "0.21.2"}
     versions.check_environment(lookup=installed.get, modules={"torch": 1, "transformers": 1, "peft": 1})
-    with pytest.raises(UnsupportedVersionError, match="sentence-transformers==2.7.0"):
+    with pytest.raises(UnsupportedVersionError, match=r"sentence-transformers==2\.7\.0"):
         versions.check_environment(lookup=installed.get, modules=ALL_IMPORTED)
 
 

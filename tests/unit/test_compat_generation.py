@@ -28,8 +28,13 @@ def _prompt_tuned_causal_lm(m: int):
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
     base_config = transformers.Qwen2Config(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, pad_token_id=0,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
