@@ -25,11 +25,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..compat.st_modules import multi_vector_mask_class
-from ..drift import prefix_mask
-from ..features import copy_features
-from ..handle import HookSpec
-from ..hooks import InstallRecord, MaskpatchHook
+from ...compat.st_modules import multi_vector_mask_class
+from ...drift import prefix_mask
+from ...features import copy_features
+from ...handle import HookSpec
+from ...hooks import InstallRecord, MaskpatchHook
 
 __all__ = ["ScoringMaskInputHook", "ScoringMaskOutputHook", "consumer_specs"]
 

@@ -27,16 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..compat.generation import generation_cache_name
-from ..compat.st_inline_mask import caller_mask, pooling_weighs_by_column, st_extends_mask_inline
-from ..compat.st_inner import inner_model, inner_name
-from ..compat.st_modules import st_classes
-from ..compat.versions import SUPPORTED, installed_version
-from ..drift import check_excess
-from ..errors import DriftError
-from ..features import copy_features, exclude_leading_tokens, repair_features, virtual_after_padding
-from ..handle import HookSpec
-from ..hooks import (
+from ...compat.generation import generation_cache_name
+from ...compat.st_inline_mask import caller_mask, pooling_weighs_by_column, st_extends_mask_inline
+from ...compat.st_inner import inner_model, inner_name
+from ...compat.st_modules import st_classes
+from ...compat.versions import SUPPORTED, installed_version
+from ...drift import check_excess
+from ...errors import DriftError
+from ...features import copy_features, exclude_leading_tokens, repair_features, virtual_after_padding
+from ...handle import HookSpec
+from ...hooks import (
     LOCK,
     InstallRecord,
     MaskpatchHook,
@@ -45,11 +45,11 @@ from ..hooks import (
     position_hook_key,
     submodule,
 )
-from ..layout import active_layout, is_peft_model
-from ..limits import INLINE_WEIGHTEDMEAN, PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
-from .peft.mask import prompt_output_mask
-from .peft_generation import generates_with_peft
-from .st_consumers import consumer_specs
+from ...layout import active_layout, is_peft_model
+from ...limits import INLINE_WEIGHTEDMEAN, PART_MODEL_POOLING, ensure_limit_hook, limit_hook_for, report
+from ..peft.mask import prompt_output_mask
+from ..peft_generation import generates_with_peft
+from .consumers import consumer_specs
 
 __all__ = [
     "InlineMaskGuardHook",
