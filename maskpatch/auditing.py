@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters.peft import ENCODER_FIELDS, PeftOutputHook, as_kwargs, find_task, input_length
 from .adapters.peft.tasks import task_named
-from .adapters.sentence_transformers import TransformerOutputHook
+from .adapters.sentence_transformers.transformer import TransformerOutputHook
 from .adapters.x_transformers import XtOutputHook
 from .drift import POLICIES
 from .errors import DriftWarning, UnsupportedModelError
@@ -198,7 +198,7 @@ class AuditHook:
 
 
 class TransformerOutputObserver(AuditHook):
-    """Observer at :class:`~maskpatch.adapters.sentence_transformers.TransformerOutputHook`'s site."""
+    """Observer at :class:`~maskpatch.adapters.sentence_transformers.transformer.TransformerOutputHook`'s site."""
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if not isinstance(output, Mapping) or "cu_seq_lens_q" in output:

@@ -18,7 +18,7 @@ padded length past a sliding window), so they are checked there, by the hooks of
 
 What can be fixed is fixed instead: ``weightedmean`` pooling under ``extend`` with left padding
 gets its weights counted as for the text alone (see
-:class:`maskpatch.adapters.sentence_transformers.WeightedMeanOrderHook`).
+:class:`maskpatch.adapters.sentence_transformers.pooling.WeightedMeanOrderHook`).
 """
 
 from __future__ import annotations

@@ -111,9 +111,10 @@ def test_without_maskpatch_left_padded_decoder_is_batch_variant(decoders, kind):
 def test_left_padded_decoder_needs_the_position_repair_not_just_the_mask(decoders, kind, monkeypatch):
     """With the mask repaired but the position hook switched off, a left-padded decoder is still batch
     variant: the position ids are part of the repair."""
-    import maskpatch.adapters.sentence_transformers as st_adapter
+    from maskpatch.adapters.sentence_transformers import adapter as st_adapter
+    from maskpatch.adapters.sentence_transformers import transformer as st_transformer
 
-    monkeypatch.setattr(st_adapter, "ensure_position_hook", lambda peft_model, record: False)
+    monkeypatch.setattr(st_transformer, "ensure_position_hook", lambda peft_model, record: False)
     monkeypatch.setattr(st_adapter, "_position_specs", lambda inner, record: [])
     model = decoders[kind, "left"]
     with maskpatch.patched(model, policy="extend"):

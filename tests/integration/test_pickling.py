@@ -191,6 +191,74 @@ def test_state_dict_and_saved_files_hold_nothing_of_maskpatch(st, tmp_path):
                 assert patched[name] == plain[name], f"{kind}: {name} differs"
 
 
+# --- pickles written before the sentence-transformers adapter became a package -------------------
+
+#: ``pickle.dumps([...], protocol=2)`` (the protocol ``torch.save`` writes) of one instance of each
+#: sentence-transformers hook class, written by maskpatch 0.1.0, where the classes lived in the
+#: modules ``maskpatch.adapters.sentence_transformers`` and ``maskpatch.adapters.st_consumers``.
+HOOKS_PICKLED_BY_0_1_0 = (
+    b"\x80\x02]q\x00("
+    b"cmaskpatch.adapters.sentence_transformers\nTransformerPositionHook\nq\x01)\x81q\x02}q\x03X\x06"
+    b"\x00\x00\x00recordq\x04"
+    b"cmaskpatch.hooks\nInstallRecord\nq\x05)\x81q\x06}q\x07(X\x06\x00\x00\x00policyq\x08X\x06\x00\x00"
+    b"\x00extendq\tX\x07\x00\x00\x00adapterq\nX\x15\x00\x00\x00sentence-transformersq\x0bX\x06\x00\x00"
+    b"\x00pinnedq\x0c\x88X\x08\x00\x00\x00contextsq\rK\x00X\x04\x00\x00\x00rootq\x0eNX\x06\x00\x00\x00s"
+    b"trictq\x0f\x89X\x08\x00\x00\x00reportedq\x10c__builtin__\nset\nq\x11]q\x12\x85q\x13Rq\x14X\x05"
+    b"\x00\x00\x00sitesq\x15]q\x16X\x08\x00\x00\x00releasesq\x17]q\x18X\x07\x00\x00\x00removedq\x19\x89"
+    b"X\x05\x00\x00\x00ownerq\x1aNubsb"
+    b"cmaskpatch.adapters.sentence_transformers\nTransformerOutputHook\nq\x1b)\x81q\x1c}q\x1d(h\x04h"
+    b"\x06X\x0c\x00\x00\x00sees_poolingq\x1e\x89X\x06\x00\x00\x00inlineq\x1f\x88ub"
+    b'cmaskpatch.adapters.sentence_transformers\nInlineMaskGuardHook\nq )\x81q!}q"h\x04h\x06sb'
+    b"cmaskpatch.adapters.sentence_transformers\nPoolingPromptHook\nq#)\x81q$}q%h\x04h\x06sb"
+    b"cmaskpatch.adapters.sentence_transformers\nWeightedMeanOrderHook\nq&)\x81q'}q(h\x04h\x06sb"
+    b"cmaskpatch.adapters.sentence_transformers\nWeightedMeanRestoreHook\nq))\x81q*}q+h\x04h\x06sb"
+    b"cmaskpatch.adapters.st_consumers\nScoringMaskInputHook\nq,)\x81q-}q.h\x04h\x06sb"
+    b"cmaskpatch.adapters.st_consumers\nScoringMaskOutputHook\nq/)\x81q0}q1h\x04h\x06sbe."
+)
+
+#: The classes those pickles name, in their order, as they are now.
+OLD_PICKLE_CLASSES = (
+    "maskpatch.adapters.sentence_transformers.transformer.TransformerPositionHook",
+    "maskpatch.adapters.sentence_transformers.transformer.TransformerOutputHook",
+    "maskpatch.adapters.sentence_transformers.transformer.InlineMaskGuardHook",
+    "maskpatch.adapters.sentence_transformers.pooling.PoolingPromptHook",
+    "maskpatch.adapters.sentence_transformers.pooling.WeightedMeanOrderHook",
+    "maskpatch.adapters.sentence_transformers.pooling.WeightedMeanRestoreHook",
+    "maskpatch.adapters.sentence_transformers.consumers.ScoringMaskInputHook",
+    "maskpatch.adapters.sentence_transformers.consumers.ScoringMaskOutputHook",
+)
+
+
+def test_hooks_pickled_by_0_1_0_unpickle_from_their_old_module_paths():
+    """Hooks pickled when the sentence-transformers adapter was one module load as today's classes, with their state."""
+    hooks = pickle.loads(HOOKS_PICKLED_BY_0_1_0)
+    assert [f"{type(h).__module__}.{type(h).__qualname__}" for h in hooks] == list(OLD_PICKLE_CLASSES)
+    assert len({id(h.record) for h in hooks}) == 1
+    assert hooks[0].record.policy == "extend" and hooks[0].record.adapter == "sentence-transformers"
+    assert (hooks[1].sees_pooling, hooks[1].inline) == (False, True)
+
+
+def test_patched_st_model_pickled_under_the_old_module_paths_is_still_patched(tiny_model_dir):
+    """A patched model whose pickle names the hooks by their 0.1.0 paths loads patched and repairs like the original.
+
+    The pickle is written now and its class paths rewritten to the old ones (protocol 2 names a
+    class as text, ``c<module>\\n<name>\\n``), as a model pickled by 0.1.0 names them.
+    """
+    model = add_prompt_learning(st_model(tiny_model_dir("bert"), pooling="weightedmean", padding_side="left"), m=M)
+    maskpatch.apply(model, policy="extend")
+    original_out = encode(model, TEXTS)
+    data = pickle.dumps(model, protocol=2)
+    for new in (b"transformer", b"pooling"):
+        module = b"maskpatch.adapters.sentence_transformers." + new + b"\n"
+        assert module in data, module
+        data = data.replace(module, b"maskpatch.adapters.sentence_transformers\n")
+
+    clone = pickle.loads(data)
+    assert maskpatch.is_patched(clone)
+    assert torch.allclose(encode(clone, TEXTS), original_out, atol=1e-6, rtol=0)
+    assert batch_gap(clone) <= 1e-5
+
+
 # --- multi-process encoding -------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import maskpatch
-from maskpatch.adapters.sentence_transformers import TransformerOutputHook, TransformerPositionHook
+from maskpatch.adapters.sentence_transformers.transformer import TransformerOutputHook, TransformerPositionHook
 from maskpatch.hooks import PositionIdsHook
 from tests.helpers import add_prompt_learning, st_model
 

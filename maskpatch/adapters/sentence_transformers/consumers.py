@@ -1,6 +1,6 @@
 """Extra hooks for sentence-transformers modules that read more than ``attention_mask``.
 
-The ``Transformer`` hook (:mod:`maskpatch.adapters.sentence_transformers`) repairs the features
+The ``Transformer`` hook (:mod:`maskpatch.adapters.sentence_transformers.transformer`) repairs the features
 dict once, for every module downstream: under ``extend``/``ignore`` the ``attention_mask`` gets
 ``M`` leading entries, under ``strip`` the token outputs lose their first ``M`` positions. That
 is all most consumers need:
@@ -37,7 +37,7 @@ __all__ = ["ScoringMaskInputHook", "ScoringMaskOutputHook", "consumer_specs"]
 def consumer_specs(module: nn.Module, record: InstallRecord) -> list[HookSpec]:
     """Return the extra hooks ``module`` needs under ``record.policy`` (none for most modules).
 
-    Called by :class:`~maskpatch.adapters.sentence_transformers.SentenceTransformersAdapter` for
+    Called by :class:`~maskpatch.adapters.sentence_transformers.adapter.SentenceTransformersAdapter` for
     every module of the model; does not change ``module``.
     """
     scoring_mask = multi_vector_mask_class()  # None before sentence-transformers 5.8
