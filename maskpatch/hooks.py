@@ -26,9 +26,12 @@ from .positions import position_scheme
 
 __all__ = [
     "LOCK",
+    "ForwardHook",
+    "ForwardPreHook",
     "InstallRecord",
     "MaskpatchHook",
     "PositionIdsHook",
+    "PreHookResult",
     "accepts_position_ids",
     "ensure_position_hook",
     "has_position_hook",
@@ -130,7 +133,9 @@ class InstallRecord:
 class MaskpatchHook:
     """Base class of every hook maskpatch registers; ``pre`` says which kind of forward hook it is.
 
-    ``always_call`` (forward hooks only) asks torch to run the hook also when the forward raises.
+    Hooks derive from one of its two typed subclasses, :class:`ForwardPreHook` (``pre`` true) or
+    :class:`ForwardHook`, which also name the signature torch calls them with. ``always_call``
+    (forward hooks only) asks torch to run the hook also when the forward raises.
     """
 
     pre: ClassVar[bool] = False
@@ -150,11 +155,47 @@ class MaskpatchHook:
         return f"{type(self).__name__}({self.record!r})"
 
     if TYPE_CHECKING:
-        # torch calls every hook; each subclass (maskpatch.plugin's bases) declares its own signature.
+        # torch calls every hook; each subclass (ForwardPreHook, ForwardHook) declares its own signature.
         def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
-class PositionIdsHook(MaskpatchHook):
+#: What a forward pre-hook returns to replace the call's arguments (None keeps them).
+PreHookResult = tuple[tuple[Any, ...], dict[str, Any]] | None
+
+
+class ForwardPreHook(MaskpatchHook):
+    """Base class of a forward pre-hook: runs before ``module.forward``, may replace its arguments.
+
+    maskpatch registers it with ``register_forward_pre_hook(hook, with_kwargs=True)``. Subclasses
+    implement :meth:`__call__`; they read the policy from ``self.record.policy`` at call time and
+    return new ``(args, kwargs)`` (never changing the caller's tensors or dicts in place), or None
+    to leave the call as it is.
+    """
+
+    pre: ClassVar[bool] = True
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PreHookResult:
+        """Return replacement ``(args, kwargs)`` for ``module``'s forward, or None to keep them."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement __call__(module, args, kwargs)")
+
+
+class ForwardHook(MaskpatchHook):
+    """Base class of a forward hook: runs after ``module.forward``, may replace its output.
+
+    maskpatch registers it with ``register_forward_hook(hook, with_kwargs=True,
+    always_call=cls.always_call)``. Subclasses implement :meth:`__call__`; they read the policy from
+    ``self.record.policy`` at call time and return a new output (never the caller's dict changed in
+    place), or None to leave the output as it is.
+    """
+
+    pre: ClassVar[bool] = False
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """Return a replacement for ``output``, or None to keep it."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement __call__(module, args, kwargs, output)")
+
+
+class PositionIdsHook(ForwardPreHook):
     """Forward pre-hook on a PEFT model's base model: position ids that skip padding.
 
     PEFT drops ``position_ids`` for prompt tuning and P-tuning, so the base model numbers the
@@ -169,8 +210,6 @@ class PositionIdsHook(MaskpatchHook):
     and a cache, as ``past_key_values`` or, since transformers 5.24, ``cache``) it passes the
     last ``q`` of those position ids.
     """
-
-    pre = True
 
     def __init__(self, record: InstallRecord, peft_model: nn.Module, *, first: int = 0) -> None:
         super().__init__(record)

@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .errors import KnownLimitError, MaskpatchWarning
-from .hooks import InstallRecord, MaskpatchHook
+from .hooks import ForwardPreHook, InstallRecord
 from .layout import active_layout, is_peft_model
 from .positions import PositionScheme, position_scheme
 
@@ -103,15 +103,13 @@ def has_pads_before_tokens(mask: Tensor) -> bool:
     return bool((attends[:, 1:] & ~attends[:, :-1]).any())
 
 
-class PaddingLimitHook(MaskpatchHook):
+class PaddingLimitHook(ForwardPreHook):
     """Pre-hook on a PEFT base model whose numbering left padding can break (see :mod:`maskpatch.limits`).
 
     ``reason`` (a left-padding limit of the architecture) and ``window`` (the narrowest sliding
     window) come from the model's :class:`~maskpatch.positions.PositionScheme` at install. The
     hook changes nothing; it reports the limit the first time a batch runs into it.
     """
-
-    pre = True
 
     def __init__(self, record: InstallRecord, peft_model: nn.Module, *, reason: str | None, window: int | None) -> None:
         super().__init__(record)

@@ -17,14 +17,11 @@ The pure mask functions an adapter applies the policy with are re-exported here
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-from torch import nn
-
 from .conventions import MaskConvention
 from .drift import POLICIES, Policy, check_excess, prefix_mask, strip_positions
 from .handle import HookSpec
-from .hooks import InstallRecord, MaskpatchHook
+from .hooks import ForwardHook, ForwardPreHook, InstallRecord, MaskpatchHook
+from .hooks import PreHookResult as PreHookResult  # the return type of ForwardPreHook.__call__, importable as before
 from .registry import ENTRY_POINT_GROUP, Adapter, register_adapter, registered_adapters, unregister_adapter
 
 __all__ = [
@@ -45,38 +42,3 @@ __all__ = [
     "strip_positions",
     "unregister_adapter",
 ]
-
-#: What a forward pre-hook returns to replace the call's arguments (None keeps them).
-PreHookResult = tuple[tuple[Any, ...], dict[str, Any]] | None
-
-
-class ForwardPreHook(MaskpatchHook):
-    """Base class of a forward pre-hook: runs before ``module.forward``, may replace its arguments.
-
-    maskpatch registers it with ``register_forward_pre_hook(hook, with_kwargs=True)``. Subclasses
-    implement :meth:`__call__`; they read the policy from ``self.record.policy`` at call time and
-    return new ``(args, kwargs)`` (never changing the caller's tensors or dicts in place), or None
-    to leave the call as it is.
-    """
-
-    pre: ClassVar[bool] = True
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PreHookResult:
-        """Return replacement ``(args, kwargs)`` for ``module``'s forward, or None to keep them."""
-        raise NotImplementedError(f"{type(self).__qualname__} must implement __call__(module, args, kwargs)")
-
-
-class ForwardHook(MaskpatchHook):
-    """Base class of a forward hook: runs after ``module.forward``, may replace its output.
-
-    maskpatch registers it with ``register_forward_hook(hook, with_kwargs=True,
-    always_call=cls.always_call)``. Subclasses implement :meth:`__call__`; they read the policy from
-    ``self.record.policy`` at call time and return a new output (never the caller's dict changed in
-    place), or None to leave the output as it is.
-    """
-
-    pre: ClassVar[bool] = False
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        """Return a replacement for ``output``, or None to keep it."""
-        raise NotImplementedError(f"{type(self).__qualname__} must implement __call__(module, args, kwargs, output)")

@@ -38,7 +38,7 @@ from ..conventions import MaskConvention
 from ..drift import Policy, prefix_mask, strip_positions
 from ..errors import AlreadyPatchedError, DriftError, PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record, iter_hooks
-from ..hooks import InstallRecord, MaskpatchHook
+from ..hooks import ForwardHook, InstallRecord
 from ..inputs import require_module, require_tensor
 from .key_padding import key_padding_specs
 
@@ -120,7 +120,7 @@ class PrependedTokensAdapter:
         return prefix_mask(attention_mask, count, attend=policy == "extend", convention=convention)
 
 
-class PrependedOutputHook(MaskpatchHook):
+class PrependedOutputHook(ForwardHook):
     """Forward hook on the module the user named: apply the policy to its ``count`` leading positions."""
 
     def __init__(self, record: InstallRecord, count: int) -> None:

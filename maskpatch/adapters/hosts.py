@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..drift import Policy, check_excess, strip_positions, validate_policy
 from ..errors import AlreadyPatchedError, MaskpatchWarning, PolicyError, UnsupportedModelError
 from ..handle import LOCK, HookSpec, PatchHandle, find_record, install, remove_hooks
-from ..hooks import InstallRecord, MaskpatchHook
+from ..hooks import ForwardHook, InstallRecord
 from ..registry import check_requirements, find_adapter, registered_adapters
 from .peft import CALL_KEY, PeftCall, PeftCallHook
 from .peft.mask import prompt_output_mask
@@ -70,7 +70,7 @@ def _host_fields(model: object) -> Fields:
     return () if found is None or found[1].host_fields is None else found[1].host_fields
 
 
-class AlignOutputHook(MaskpatchHook):
+class AlignOutputHook(ForwardHook):
     """Forward hook on a host's PeftModel: while the host calls it, cut the virtual positions (as ``strip``).
 
     Outside a host's call it does nothing. Registered after the model's own output hook, so it

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..conventions import MaskConvention
 from ..drift import prefix_mask
 from ..handle import HookSpec
-from ..hooks import InstallRecord, MaskpatchHook
+from ..hooks import ForwardPreHook, InstallRecord
 
 __all__ = ["KeyPaddingMaskHook", "key_padding_specs"]
 
@@ -64,14 +64,12 @@ def _seq_dim(module: nn.Module) -> int:
     return 1 if getattr(attention, "batch_first", False) else 0
 
 
-class KeyPaddingMaskHook(MaskpatchHook):
+class KeyPaddingMaskHook(ForwardPreHook):
     """Pre-hook on a torch key-padding module: prepend ``count`` attending entries to a mask ``count`` too short.
 
     ``False`` for a boolean mask (``KEY_PADDING``: True ignores), ``0.0`` for an additive float one.
     The caller's mask is not modified: the module gets a new one, in new ``args``/``kwargs``.
     """
-
-    pre = True
 
     def __init__(
         self, record: InstallRecord, count: int, sequence: tuple[int, str], mask: tuple[int, str], *, seq_dim: int

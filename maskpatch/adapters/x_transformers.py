@@ -39,7 +39,7 @@ from ..conventions import MaskConvention
 from ..drift import Policy, prefix_mask, strip_positions
 from ..errors import DriftError, PolicyError, UnsupportedModelError
 from ..handle import HookSpec, find_record
-from ..hooks import InstallRecord, MaskpatchHook
+from ..hooks import ForwardHook, ForwardPreHook, InstallRecord
 
 __all__ = ["XTransformersAdapter", "XtCallHook", "XtOutputHook", "output_mask"]
 
@@ -98,10 +98,8 @@ class XtCall:
 _CALLS: ContextVar[tuple[XtCall, ...]] = ContextVar("maskpatch_xt_calls", default=())
 
 
-class XtCallHook(MaskpatchHook):
+class XtCallHook(ForwardPreHook):
     """Pre-hook on ``TransformerWrapper``: note the call's layout; take ``excise_prepend_embeds`` out of its way."""
-
-    pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if kwargs.get("cache") is not None:
@@ -119,7 +117,7 @@ class XtCallHook(MaskpatchHook):
         return None
 
 
-class XtOutputHook(MaskpatchHook):
+class XtOutputHook(ForwardHook):
     """Forward hook on ``TransformerWrapper`` (always called): check, and cut under ``strip`` (or ``excise``)."""
 
     always_call = True

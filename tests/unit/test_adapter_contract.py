@@ -6,7 +6,7 @@ the pipeline and Trainer hosts, and the docs' third-party example):
 * ``plan`` is pure: the model's modules (``__dict__``, hook dicts) and the classes maskpatch may
   touch are exactly as before (tests/helpers.py ``residue_snapshot``); its hooks are
   :class:`MaskpatchHook` instances of module-level classes bound to the record, on the model's own
-  modules, and pickle;
+  modules, and pickle; each is a :class:`ForwardPreHook` (``pre`` true) or a :class:`ForwardHook`;
 * apply then remove leaves no residue, instance or class;
 * behaviour: a text alone equals its row in a padded batch (batch invariance), and the outputs
   line up with the mask the adapter says goes with them (``maskpatch.output_mask``, or the host's
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 import maskpatch
 from maskpatch.errors import PolicyError, UnsupportedModelError
 from maskpatch.handle import HookSpec
-from maskpatch.hooks import InstallRecord, MaskpatchHook
+from maskpatch.hooks import ForwardHook, ForwardPreHook, InstallRecord, MaskpatchHook
 from maskpatch.registry import MaskAdapter, registered_adapters
 
 from helpers import add_prompt_learning, assert_no_residue, residue_snapshot, st_model
@@ -227,6 +227,10 @@ def _planner(adapter: Any, options: dict[str, Any]) -> Any:
 def _check_contract(adapter: Any, sample: object, case: Case) -> None:
     model = adapter.model_of(sample) if hasattr(adapter, "model_of") else sample
     assert isinstance(model, nn.Module)
+    # The first public name looked up on maskpatch guards adapter loads process-wide (class-level
+    # wrappers, maskpatch.provenance): not residue of an install, so it happens before the snapshot
+    # (else the first test of a fresh process fails).
+    apply = maskpatch.apply
     before = residue_snapshot(model)
     record = InstallRecord("extend", adapter.name, pinned=True)
 
@@ -238,10 +242,15 @@ def _check_contract(adapter: Any, sample: object, case: Case) -> None:
     for spec in specs:
         assert id(spec.module) in submodules
         assert isinstance(spec.hook, MaskpatchHook) and spec.hook.record is record
+        # Typed by kind: register() picks torch's pre-hook or forward-hook registry from ``pre``.
+        kind = ForwardPreHook if spec.hook.pre else ForwardHook
+        assert isinstance(spec.hook, kind) and not isinstance(
+            spec.hook, ForwardHook if spec.hook.pre else ForwardPreHook
+        ), f"{type(spec.hook).__qualname__} (pre={spec.hook.pre}) should derive from {kind.__name__} alone"
         assert "<locals>" not in type(spec.hook).__qualname__
         assert type(pickle.loads(pickle.dumps(spec.hook))) is type(spec.hook)
 
-    handle = maskpatch.apply(sample, policy="extend", **case.options)
+    handle = apply(sample, policy="extend", **case.options)
     assert maskpatch.is_patched(sample) and handle.active
     handle.remove()
     assert not maskpatch.is_patched(sample) and not handle.active

@@ -30,6 +30,7 @@ def test_every_exported_name_exists_and_is_the_object_maskpatch_uses():
     assert plugin.HookSpec is maskpatch.handle.HookSpec
     assert plugin.InstallRecord is maskpatch.hooks.InstallRecord
     assert plugin.MaskpatchHook is maskpatch.hooks.MaskpatchHook
+    assert plugin.ForwardPreHook is maskpatch.hooks.ForwardPreHook and plugin.ForwardHook is maskpatch.hooks.ForwardHook
     assert plugin.Adapter is maskpatch.registry.Adapter is maskpatch.Adapter
     assert plugin.register_adapter is maskpatch.register_adapter
     assert plugin.ENTRY_POINT_GROUP == "maskpatch.adapters"

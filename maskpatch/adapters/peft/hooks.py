@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ...hooks import LOCK, InstallRecord, MaskpatchHook, accepts_position_ids
+from ...hooks import LOCK, ForwardHook, ForwardPreHook, InstallRecord, accepts_position_ids
 from ...layout import active_layout
 from ...masks4d import extend_4d_mask, prefix_labels, shift_position_ids
 from .call import CALL_KEY, PeftCall, as_kwargs, prepare_call
@@ -19,10 +19,8 @@ from .wrappers import hold_disable_adapter_wrapper
 __all__ = ["PeftBaseHook", "PeftCallHook", "PeftOutputHook"]
 
 
-class PeftCallHook(MaskpatchHook):
+class PeftCallHook(ForwardPreHook):
     """Pre-hook on the PeftModel: rewrite the caller's call into one PEFT handles (:mod:`.call`)."""
-
-    pre = True
 
     def attached(self) -> None:
         hold_disable_adapter_wrapper(self.record)
@@ -44,14 +42,12 @@ class PeftCallHook(MaskpatchHook):
         return (), new
 
 
-class PeftBaseHook(MaskpatchHook):
+class PeftBaseHook(ForwardPreHook):
     """Pre-hook on ``peft_model.base_model``: give back what :class:`PeftCallHook` took out of PEFT's way.
 
     ``first`` is the base model's own first position (:mod:`maskpatch.positions`): the caller's
     position ids are in the model's numbering, and the virtual tokens take its first ``M``.
     """
-
-    pre = True
 
     def __init__(self, record: InstallRecord, *, first: int = 0) -> None:
         super().__init__(record)
@@ -75,7 +71,7 @@ class PeftBaseHook(MaskpatchHook):
         return args, new
 
 
-class PeftOutputHook(MaskpatchHook):
+class PeftOutputHook(ForwardHook):
     """Forward hook on the PeftModel (always called): check every token-level output, cut it under ``strip``."""
 
     always_call = True

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...hooks import InstallRecord, MaskpatchHook
+from ...hooks import ForwardPreHook, InstallRecord
 
 __all__ = [
     "Route",
@@ -29,10 +29,8 @@ __all__ = [
 ]
 
 
-class TaskIdsHook(MaskpatchHook):
+class TaskIdsHook(ForwardPreHook):
     """Pre-hook on a multitask prompt encoder: the caller's ``task_ids`` where PEFT passes none (module doc)."""
-
-    pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         route = current_route()

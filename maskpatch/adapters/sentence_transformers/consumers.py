@@ -29,7 +29,7 @@ from ...compat.st_modules import multi_vector_mask_class
 from ...drift import prefix_mask
 from ...features import copy_features
 from ...handle import HookSpec
-from ...hooks import InstallRecord, MaskpatchHook
+from ...hooks import ForwardHook, ForwardPreHook, InstallRecord
 
 __all__ = ["ScoringMaskInputHook", "ScoringMaskOutputHook", "consumer_specs"]
 
@@ -58,15 +58,13 @@ def _virtual_count(features: Any) -> int:
     return max(mask.shape[1] - ids.shape[1], 0)
 
 
-class ScoringMaskInputHook(MaskpatchHook):
+class ScoringMaskInputHook(ForwardPreHook):
     """Pre-hook on ``MultiVectorMask``: hand it the ``N`` real columns of ``attention_mask``.
 
     ``input_ids`` and ``query_expansion_positions`` describe the real tokens only, so the scoring
     mask is computed over those; :class:`ScoringMaskOutputHook` puts the virtual columns back. The
     caller's features dict is not modified: the module gets a shallow copy.
     """
-
-    pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         features: Any = args[0] if args else None
@@ -79,7 +77,7 @@ class ScoringMaskInputHook(MaskpatchHook):
         return (real, *args[1:]), kwargs
 
 
-class ScoringMaskOutputHook(MaskpatchHook):
+class ScoringMaskOutputHook(ForwardHook):
     """Forward hook on ``MultiVectorMask``: prepend the policy's virtual columns to the scoring mask.
 
     The scoring mask is boolean (``True`` scores the position): ``extend`` prepends ``True``

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from ...features import copy_features, exclude_leading_tokens, virtual_after_padding
-from ...hooks import MaskpatchHook
+from ...hooks import ForwardHook, ForwardPreHook
 
 __all__ = ["PoolingPromptHook", "WeightedMeanOrderHook", "WeightedMeanRestoreHook", "is_weighted_mean"]
 
 
-class PoolingPromptHook(MaskpatchHook):
+class PoolingPromptHook(ForwardPreHook):
     """Pre-hook on ``Pooling`` under ``extend``: exclude the instruction, not the virtual tokens.
 
     ``Pooling(include_prompt=False)`` zeroes the first ``prompt_length`` attended positions. With
@@ -31,8 +31,6 @@ class PoolingPromptHook(MaskpatchHook):
     hands Pooling a mask with the instruction already excluded after the first ``m`` columns, and
     no ``prompt_length``, in a copy of the features dict.
     """
-
-    pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         features = args[0] if args else None
@@ -70,7 +68,7 @@ _ORIGINAL = "maskpatch_weightedmean_original"
 _PADDING_MASK = "maskpatch_padding_mask"
 
 
-class WeightedMeanOrderHook(MaskpatchHook):
+class WeightedMeanOrderHook(ForwardPreHook):
     """Pre-hook on a ``weightedmean`` ``Pooling`` under ``extend``: the virtual tokens after the left padding.
 
     ``Pooling`` weighs the attended positions by their column counted from the first attended one.
@@ -81,8 +79,6 @@ class WeightedMeanOrderHook(MaskpatchHook):
     the same position (``cls``: the first virtual token; ``lasttoken``: the last text token).
     :class:`WeightedMeanRestoreHook` puts the caller's order back in ``Pooling``'s output.
     """
-
-    pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         features = args[0] if args else None
@@ -103,7 +99,7 @@ class WeightedMeanOrderHook(MaskpatchHook):
         return (reordered, *args[1:]), kwargs
 
 
-class WeightedMeanRestoreHook(MaskpatchHook):
+class WeightedMeanRestoreHook(ForwardHook):
     """Forward hook on the same ``Pooling``: the features it returns carry the caller's column order again."""
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:

@@ -27,8 +27,9 @@ from ...errors import DriftError
 from ...features import copy_features, repair_features
 from ...hooks import (
     LOCK,
+    ForwardHook,
+    ForwardPreHook,
     InstallRecord,
-    MaskpatchHook,
     ensure_position_hook,
     position_hook_key,
     submodule,
@@ -39,7 +40,7 @@ from ...limits import PART_MODEL_POOLING, ensure_limit_hook, report
 __all__ = ["InlineMaskGuardHook", "TransformerOutputHook", "TransformerPositionHook"]
 
 
-class TransformerPositionHook(MaskpatchHook):
+class TransformerPositionHook(ForwardPreHook):
     """Pre-hook on ``Transformer``: position ids for the PEFT model it holds now (see module doc).
 
     Runs on every forward. Once it has seen a :class:`~maskpatch.hooks.PositionIdsHook` on the
@@ -48,7 +49,6 @@ class TransformerPositionHook(MaskpatchHook):
     instead of scanning the pre-hooks. What it remembers is not pickled: a copy scans again.
     """
 
-    pre = True
     #: ``(PEFT model, its base model, key of the PositionIdsHook on it)`` last seen; None to scan.
     _seen: tuple[nn.Module, nn.Module, int] | None = None
 
@@ -78,7 +78,7 @@ class TransformerPositionHook(MaskpatchHook):
         return state
 
 
-class TransformerOutputHook(MaskpatchHook):
+class TransformerOutputHook(ForwardHook):
     """Forward hook on ``Transformer``: repair the features dict for the modules downstream.
 
     ``sees_pooling`` is false for an install on a part of the model (``apply(model[0])``): under
@@ -145,15 +145,13 @@ class TransformerOutputHook(MaskpatchHook):
         return repair_features(features, key, m, record.policy)
 
 
-class InlineMaskGuardHook(MaskpatchHook):
+class InlineMaskGuardHook(ForwardPreHook):
     """Pre-hook on ``Transformer`` (sentence-transformers 3.3 - 6.1): a copy of the features dict.
 
     Those releases write their inline-extended ``attention_mask`` into the dict they are given;
     handing them a shallow copy keeps the caller's dict as it was, so the same features forwarded
     twice give the same result twice (see :mod:`maskpatch.compat.st_inline_mask`).
     """
-
-    pre = True
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         features = args[0] if args else None
