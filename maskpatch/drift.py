@@ -81,24 +81,26 @@ def strip_positions(output: Tensor, m: int, *, dim: int = 1) -> Tensor:
 
 
 def positions_from_mask(mask: Tensor, first: int = 0) -> Tensor:
-    """Return position ids that follow the attended tokens of ``mask`` (``ONES``: 1 attends), from ``first``.
+    """Return position ids that follow the attended tokens of ``mask`` (``ONES``: 0/1, 1 attends), from ``first``.
 
-    Attended tokens count up from ``first`` in order, so left padding does not shift them; padded
-    positions get ``first + 1`` (any valid id would do: nothing attends to a pad), which for
-    ``first == 0`` is the convention of transformers' ``generate``. ``first`` is the model's own
-    first position (:func:`maskpatch.positions.position_scheme`)::
+    Attended tokens count up from ``first`` in order, so left padding does not shift them. A pad
+    gets the position of the attended token before it, and a leading pad gets ``first``: any valid
+    id would do, since nothing attends to a pad. ``first`` is the model's own first position
+    (:func:`maskpatch.positions.position_scheme`)::
 
-        mask  1 1 0 0 1 1 1      (2 virtual tokens, 2 pads, 3 real tokens)
-        ids   0 1 1 1 2 3 4      first = 0 (BERT, GPT-2, rotary models)
-        ids   2 3 3 3 4 5 6      first = 2 (RoBERTa with padding_idx 1)
+        mask  1 1 0 0 1 1 1 0    (2 virtual tokens, 2 pads, 3 real tokens, 1 pad)
+        ids   0 1 1 1 2 3 4 4    first = 0 (BERT, GPT-2, rotary models)
+        ids   2 3 3 3 4 5 6 6    first = 2 (RoBERTa with padding_idx 1)
+        mask  0 0 1 1            (a leading pad)
+        ids   0 0 0 1            first = 0
 
-    The result is ``torch.long`` on ``mask``'s device.
+    The mask's values must be 0 or 1 (transformers' convention), of any dtype. The result is
+    ``torch.long`` on ``mask``'s device.
     """
-    attended = mask != 0
-    # cumsum of a bool tensor is int64 already. Every later op is in place on one of our own two
-    # temporaries: on small tensors an op costs its dispatch, and in-place ops (no allocation, no
-    # scalar wrapped as a tensor, as torch.where needs) dispatch fastest.
-    ranks = attended.cumsum(-1)
+    # Three ops, each costing little more than its dispatch on small tensors: one cumsum that
+    # casts as it sums, then two in-place ops on that one temporary (no allocation, no scalar
+    # wrapped as a tensor as torch.where needs).
+    ranks = mask.cumsum(-1, dtype=torch.long)  # 1-based rank of each attended token; a pad repeats its predecessor's
     if first != 1:
         ranks.add_(first - 1)
-    return ranks.masked_fill_(attended.logical_not_(), first + 1)
+    return ranks.clamp_(min=first)  # a leading pad's rank is 0: first - 1 before the clamp

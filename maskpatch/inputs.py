@@ -17,12 +17,18 @@ def require_tensor(value: object, *, name: str, where: str, dims: Collection[int
     A list, a NumPy array or None is refused rather than guessed at: the message names ``name``,
     ``where`` it was passed, what was expected and what was found.
     """
-    shape = "" if dims is None else f" with {' or '.join(map(str, sorted(dims)))} dimensions"
+    # Called per batch (output_mask): the message is only built when it is raised.
     if not isinstance(value, Tensor):
-        raise PolicyError(f"{where}: expected {name} to be a torch.Tensor{shape}, but got {_describe(value)}")
+        raise PolicyError(f"{where}: expected {name} to be a torch.Tensor{_dims(dims)}, but got {_describe(value)}")
     if dims is not None and value.dim() not in dims:
-        raise PolicyError(f"{where}: expected {name} to be a torch.Tensor{shape}, but got shape {tuple(value.shape)}")
+        raise PolicyError(
+            f"{where}: expected {name} to be a torch.Tensor{_dims(dims)}, but got shape {tuple(value.shape)}"
+        )
     return value
+
+
+def _dims(dims: Collection[int] | None) -> str:
+    return "" if dims is None else f" with {' or '.join(map(str, sorted(dims)))} dimensions"
 
 
 def require_module(model: object, *, where: str) -> nn.Module:

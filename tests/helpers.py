@@ -84,8 +84,8 @@ def peft_token_embeddings(
     full = torch.cat([torch.ones(ids.shape[0], m, dtype=mask.dtype), mask], dim=1)
     kwargs: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": full}
     if position_ids:
-        pos = full.long().cumsum(-1) - 1
-        kwargs["position_ids"] = pos.masked_fill(full == 0, 1)
+        # Virtual tokens 0..M-1, real tokens from M; a pad repeats the position of the token before it.
+        kwargs["position_ids"] = (full.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         out = pm.base_model(**kwargs, output_hidden_states=all_layers)
     return tuple(out.hidden_states) if all_layers else out.last_hidden_state

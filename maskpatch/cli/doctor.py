@@ -31,13 +31,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..api import patched
 from ..auditing import AuditReport, audit
+from ..compat.st_inner import inner_model
 from ..drift import POLICIES
 from ..errors import DriftWarning, MaskpatchWarning
 from ..layout import active_layout
@@ -178,11 +179,14 @@ def measure_drift(model: BaseModel, inputs: list[Any]) -> Drift:
     transformer = _transformer_module(model)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        features = model.preprocess(inputs)
+        # ``preprocess`` from sentence-transformers 5.4; ``tokenize`` before.
+        features = (getattr(model, "preprocess", None) or model.tokenize)(inputs)
         output = transformer(dict(features))
     key = getattr(transformer, "module_output_name", "token_embeddings")
-    tokens, mask = output.get(key), output["attention_mask"]
-    layout = active_layout(getattr(transformer, "model", None))
+    # Against the caller's mask: sentence-transformers 3.3 - 6.1 widen the output's mask by M themselves.
+    caller = features.get("attention_mask")
+    tokens, mask = output.get(key), caller if isinstance(caller, Tensor) else output["attention_mask"]
+    layout = active_layout(inner_model(transformer))
     n = int(mask.shape[1])
     drift = partial(
         Drift,
@@ -233,20 +237,31 @@ def _invariance(model: nn.Module, inputs: list[Any], policy: str | None) -> Poli
 
 def _runner(model: nn.Module) -> Callable[[list[Any]], list[Tensor]]:
     """Return a function running ``model``'s own inference API, one flat float tensor per input."""
-    from sentence_transformers import CrossEncoder, MultiVectorEncoder, SentenceTransformer, SparseEncoder
+    import sentence_transformers
+
+    # SparseEncoder is new in sentence-transformers 5.0 and MultiVectorEncoder in 5.8: an older
+    # release has neither, and no model of theirs to check for.
+    def kind(name: str) -> type | tuple[()]:
+        found = getattr(sentence_transformers, name, None)
+        return found if isinstance(found, type) else ()
+
+    cross, multi, sparse = kind("CrossEncoder"), kind("MultiVectorEncoder"), kind("SparseEncoder")
 
     def run(batch: list[Any]) -> list[Tensor]:
+        loaded: Any = model  # one of the classes above, whichever this release has
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             warnings.simplefilter("always", MaskpatchWarning)  # known limits: _probe_policy reports them
-            if isinstance(model, CrossEncoder):
-                out = model.predict(batch, convert_to_tensor=True, activation_fn=nn.Identity(), batch_size=len(batch))
-            elif isinstance(model, MultiVectorEncoder):
-                out = model.encode(batch, batch_size=len(batch))
-            elif isinstance(model, SparseEncoder):
-                out = model.encode(batch, convert_to_tensor=True, convert_to_sparse_tensor=False, batch_size=len(batch))
+            if isinstance(model, cross):
+                out = loaded.predict(batch, convert_to_tensor=True, activation_fn=nn.Identity(), batch_size=len(batch))
+            elif isinstance(model, multi):
+                out = loaded.encode(batch, batch_size=len(batch))
+            elif isinstance(model, sparse):
+                out = loaded.encode(
+                    batch, convert_to_tensor=True, convert_to_sparse_tensor=False, batch_size=len(batch)
+                )
             else:
-                out = cast(SentenceTransformer, model).encode(batch, convert_to_tensor=True, batch_size=len(batch))
+                out = loaded.encode(batch, convert_to_tensor=True, batch_size=len(batch))
         return [row.detach().float().reshape(-1).cpu() for row in out]
 
     return run
@@ -283,7 +298,12 @@ def _known_model_type(model_type: object, *, source: str) -> str:
 def _load(model_dir: Path, model_type: str) -> BaseModel:
     import sentence_transformers
 
-    cls = getattr(sentence_transformers, _known_model_type(model_type, source="the model type"))
+    cls = getattr(sentence_transformers, _known_model_type(model_type, source="the model type"), None)
+    if not isinstance(cls, type):
+        version = getattr(sentence_transformers, "__version__", "?")
+        raise DoctorError(
+            f"cannot load {str(model_dir)!r} as a {model_type}: sentence-transformers {version} has no {model_type}"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -294,9 +314,12 @@ def _load(model_dir: Path, model_type: str) -> BaseModel:
 
 
 def _transformer_module(model: nn.Module) -> nn.Module:
-    from sentence_transformers.base.modules.transformer import Transformer
+    from ..compat.st_modules import st_classes
 
-    found: nn.Module | None = next((m for m in model.modules() if isinstance(m, Transformer)), None)
+    classes = st_classes()  # Transformer lives elsewhere before sentence-transformers 5.4
+    found: nn.Module | None = (
+        None if classes is None else next((m for m in model.modules() if isinstance(m, classes.transformer)), None)
+    )
     if found is None:
         raise DoctorError(f"expected a model with a sentence-transformers Transformer module, but {model!r} has none")
     return found
@@ -307,11 +330,14 @@ def _attach_adapter(model: nn.Module, adapter_dir: Path) -> None:
         raise DoctorError(f"expected an adapter directory, but {str(adapter_dir)!r} is not a directory")
     from peft import PeftModel
 
+    from ..compat.st_inner import inner_name
+
     transformer = _transformer_module(model)
+    name = inner_name(transformer)  # ``model`` from sentence-transformers 5.4, ``auto_model`` before
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            transformer.model = PeftModel.from_pretrained(cast(nn.Module, transformer.model), str(adapter_dir))
+            setattr(transformer, name, PeftModel.from_pretrained(getattr(transformer, name), str(adapter_dir)))
     except Exception as exc:
         raise DoctorError(f"cannot load the adapter {str(adapter_dir)!r}: {type(exc).__name__}: {exc}") from exc
 

@@ -80,7 +80,7 @@ def embeds_by_hand(pm, ids: Tensor) -> Tensor:
 def by_hand(pm, ids: Tensor, mask: Tensor, **kwargs: Any):
     """The reference forward: prompt + word embeddings, extended mask, positions following real tokens."""
     full = torch.cat([torch.ones(ids.shape[0], M, dtype=mask.dtype), mask], dim=1)
-    positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+    positions = (full.long().cumsum(-1) - 1).clamp(min=0)  # a pad repeats the position before it
     with torch.no_grad():
         embeds = embeds_by_hand(pm, ids)
         return pm.base_model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, **kwargs)

@@ -123,7 +123,7 @@ def by_hand(pm, ids: Tensor, mask: Tensor, *, task_ids: Tensor | None = None, **
     prompts = pm.get_prompt(batch_size=batch, task_ids=task_ids)
     embeds = torch.cat([prompts, pm.word_embeddings(ids)], dim=1)
     full = torch.cat([torch.ones(batch, m, dtype=mask.dtype), mask], dim=1)
-    positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+    positions = (full.long().cumsum(-1) - 1).clamp(min=0)  # a pad repeats the position before it
     with torch.no_grad():
         return pm.base_model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, **kwargs)
 
@@ -286,7 +286,7 @@ def test_token_classification_trains_through_hf_trainer(policy, tmp_path):
         m_ids, mask = BATCH, _mask(BATCH)
         embeds = torch.cat([ref_model.get_prompt(batch_size=2), ref_model.word_embeddings(m_ids)], dim=1)
         full = torch.cat([torch.ones(2, M, dtype=mask.dtype), mask], dim=1)
-        positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+        positions = (full.long().cumsum(-1) - 1).clamp(min=0)  # a pad repeats the position before it
         out = ref_model.base_model(inputs_embeds=embeds, attention_mask=full, position_ids=positions, labels=shifted)
         out.loss.backward()
         ref_opt.step()

@@ -140,7 +140,7 @@ def greedy_prompt_by_hand(pm, ids: Tensor, task_ids: Tensor | None = None) -> tu
         prompt = pm.get_prompt(batch_size=ids.shape[0], task_ids=task_ids)
         for _ in range(STEPS):
             full = torch.cat([torch.ones(ids.shape[0], M, dtype=torch.long), _mask(seq)], dim=1)
-            positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+            positions = (full.long().cumsum(-1) - 1).clamp(min=0)  # a pad repeats the position before it
             embeds = torch.cat([prompt, pm.word_embeddings(seq)], dim=1)
             out = pm.get_base_model()(inputs_embeds=embeds, attention_mask=full, position_ids=positions)
             logits.append(out.logits[:, -1])

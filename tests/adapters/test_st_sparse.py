@@ -75,7 +75,7 @@ def mlm_logits_by_hand(model, features) -> Tensor:
     ids, mask = features["input_ids"], features["attention_mask"]
     embeds = torch.cat([pm.get_prompt(batch_size=ids.shape[0]), pm.word_embeddings(ids)], dim=1)
     full = torch.cat([torch.ones(ids.shape[0], M, dtype=mask.dtype), mask], dim=1)
-    positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 1)
+    positions = (full.long().cumsum(-1) - 1).clamp(min=0)  # a pad repeats the position before it
     with torch.no_grad():
         return pm.base_model(inputs_embeds=embeds, attention_mask=full, position_ids=positions).logits
 

@@ -147,13 +147,20 @@ def test_strip_positions_honours_dim_and_zero():
 
 
 def test_positions_from_mask_skips_left_padding():
-    """Attended tokens count up from 0 and pads get 1: the documented 2 virtual + 2 pads + 3 real example."""
-    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1]])
-    assert torch.equal(positions_from_mask(mask), torch.tensor([[0, 1, 1, 1, 2, 3, 4]]))
+    """Attended tokens count up from 0 and a pad repeats the position before it: the documented example."""
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0]])
+    assert torch.equal(positions_from_mask(mask), torch.tensor([[0, 1, 1, 1, 2, 3, 4, 4]]))
+
+
+def test_positions_from_mask_leading_pads_get_a_valid_first_position():
+    """Leading pads (left padding with no virtual tokens before them) get ``first``, never ``first - 1``."""
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(positions_from_mask(mask), torch.tensor([[0, 0, 0, 1], [0, 1, 2, 3]]))
+    assert torch.equal(positions_from_mask(mask, 2), torch.tensor([[2, 2, 2, 3], [2, 3, 4, 5]]))
 
 
 def test_positions_from_mask_right_padding_and_full_rows():
-    """A full row is 0..L-1; right padding leaves the real tokens at 0..n-1 and the pads at 1."""
+    """A full row is 0..L-1; right padding leaves the real tokens at 0..n-1 and the pads at n-1."""
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     assert torch.equal(positions_from_mask(mask), torch.tensor([[0, 1, 2, 3], [0, 1, 1, 1]]))
 
@@ -164,7 +171,7 @@ def test_positions_from_mask_returns_long_for_any_mask_dtype(dtype):
     mask = torch.tensor([[0, 1, 1]]).to(dtype)
     out = positions_from_mask(mask)
     assert out.dtype == torch.long
-    assert torch.equal(out, torch.tensor([[1, 0, 1]]))
+    assert torch.equal(out, torch.tensor([[0, 0, 1]]))
 
 
 # --- features dict repairs ------------------------------------------------------------------

@@ -85,11 +85,11 @@ def test_the_scheme_is_computed_once_per_config():
 
 
 def test_positions_from_mask_counts_from_first():
-    """Attended tokens count up from ``first``; pads get ``first + 1``."""
+    """Attended tokens count up from ``first``; a pad repeats the position of the token before it."""
     mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
-    assert torch.equal(positions_from_mask(mask, 2), torch.tensor([[2, 3, 3, 3, 4, 5, 6], [2, 3, 4, 5, 6, 3, 3]]))
-    assert torch.equal(positions_from_mask(mask, 1), torch.tensor([[1, 2, 2, 2, 3, 4, 5], [1, 2, 3, 4, 5, 2, 2]]))
-    assert torch.equal(positions_from_mask(mask), torch.tensor([[0, 1, 1, 1, 2, 3, 4], [0, 1, 2, 3, 4, 1, 1]]))
+    assert torch.equal(positions_from_mask(mask, 2), torch.tensor([[2, 3, 3, 3, 4, 5, 6], [2, 3, 4, 5, 6, 6, 6]]))
+    assert torch.equal(positions_from_mask(mask, 1), torch.tensor([[1, 2, 2, 2, 3, 4, 5], [1, 2, 3, 4, 5, 5, 5]]))
+    assert torch.equal(positions_from_mask(mask), torch.tensor([[0, 1, 1, 1, 2, 3, 4], [0, 1, 2, 3, 4, 4, 4]]))
 
 
 def test_shift_position_ids_puts_virtual_tokens_at_the_models_first_positions():
