@@ -18,7 +18,9 @@ padded length past a sliding window), so they are checked there, by the hooks of
 
 What can be fixed is fixed instead: ``weightedmean`` pooling under ``extend`` with left padding
 gets its weights counted as for the text alone (see
-:class:`maskpatch.adapters.sentence_transformers.pooling.WeightedMeanOrderHook`).
+:class:`maskpatch.adapters.sentence_transformers.pooling.WeightedMeanOrderHook`), and under
+``ignore`` a sentence-transformers ``Pooling`` that reads positions by column (before 6.2) sees
+the real columns only (:class:`~maskpatch.adapters.sentence_transformers.pooling.PoolingRealColumnsHook`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from .layout import active_layout, is_peft_model
 from .positions import PositionScheme, position_scheme
 
 __all__ = [
-    "INLINE_WEIGHTEDMEAN",
     "LEFT_PADDING",
     "LIMITS",
     "PART_MODEL_POOLING",
@@ -69,11 +70,7 @@ PART_MODEL_POOLING = Limit(
     "part-model-pooling",
     "patch the whole model (maskpatch.apply(model), not apply(model[0])) so that maskpatch reaches its Pooling",
 )
-INLINE_WEIGHTEDMEAN = Limit(
-    "inline-weightedmean",
-    "use policy='strip' (it gives the reference there) or sentence-transformers >= 6.2",
-)
-LIMITS = (LEFT_PADDING, SLIDING_WINDOW, PART_MODEL_POOLING, INLINE_WEIGHTEDMEAN)
+LIMITS = (LEFT_PADDING, SLIDING_WINDOW, PART_MODEL_POOLING)
 
 
 def report(record: InstallRecord, limit: Limit, case: str, *, stacklevel: int = 3) -> None:

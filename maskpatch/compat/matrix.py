@@ -77,8 +77,8 @@ KNOWN_PROBLEMS: tuple[KnownProblem, ...] = (
         "sentence-transformers",
         "<6.2",
         "Pooling 'weightedmean' weighs tokens by column index, padding included: left padding is batch "
-        "variant upstream, and under 'ignore' the M masked virtual columns shift the real tokens' weights; "
-        "use 'strip' (or 'extend') with weightedmean on these releases",
+        "variant upstream, with or without maskpatch; under 'ignore' maskpatch hands Pooling the real "
+        "columns only, so the M masked virtual columns shift nothing",
     ),
     KnownProblem(
         "peft",

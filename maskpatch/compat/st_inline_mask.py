@@ -25,7 +25,7 @@ from torch import Tensor
 from ..errors import DriftError
 from .versions import in_range, installed_version
 
-__all__ = ["INLINE_RANGE", "caller_mask", "pooling_weighs_by_column", "st_extends_mask_inline"]
+__all__ = ["INLINE_RANGE", "caller_mask", "pooling_reads_by_column", "st_extends_mask_inline"]
 
 #: The sentence-transformers releases that extend the mask inline.
 INLINE_RANGE = ">=3.3,<6.2"
@@ -38,11 +38,13 @@ def st_extends_mask_inline() -> bool:
     return version is not None and in_range(version, INLINE_RANGE)
 
 
-def pooling_weighs_by_column() -> bool:
-    """Return whether the installed sentence-transformers' weightedmean weighs by column index (before 6.2).
+def pooling_reads_by_column() -> bool:
+    """Return whether the installed sentence-transformers' ``Pooling`` reads positions by column (before 6.2).
 
-    Under ``ignore`` the M excluded virtual-token columns then still shift every real token's
-    weight: a known limit (:data:`maskpatch.limits.INLINE_WEIGHTEDMEAN`).
+    ``weightedmean`` weighs by column index before 6.2, ``cls`` takes column 0 before 5.5 and
+    ``include_prompt=False`` zeroes the first columns before 5.3. Under ``ignore`` the M excluded
+    virtual-token columns in front would then shift what they read, so maskpatch hands that
+    ``Pooling`` the real columns only (:class:`~maskpatch.adapters.sentence_transformers.PoolingRealColumnsHook`).
     """
     version = installed_version("sentence-transformers")
     return version is not None and in_range(version, "<6.2")

@@ -220,33 +220,43 @@ def test_peft_model_called_directly_gives_the_hand_reference(minilm_dir, policy)
     assert torch.equal(lined_up, want)
 
 
-def test_weightedmean_under_ignore_warns_where_sentence_transformers_weighs_by_column(minilm_dir):
-    """No silent limit: on sentence-transformers < 6.2 weightedmean + ignore warns at apply (strict raises).
+def _pool_by_hand(tokens: Tensor, mode: str) -> Tensor:
+    """Pool (K, D) ``tokens`` (all of them pooled) the way ``mode`` defines it, written out."""
+    if mode == "weightedmean":
+        weights = torch.arange(1, len(tokens) + 1, dtype=tokens.dtype).unsqueeze(1)
+        return (tokens * weights).sum(0) / weights.sum()
+    assert mode == "cls"
+    return tokens[0]
 
-    Those releases weigh weightedmean by column index, so the M excluded virtual columns shift
-    every real token's weight; from 6.2 on the weights follow the mask and nothing is reported.
+
+@pytest.mark.parametrize("mode", ["weightedmean", "cls"])
+def test_column_read_pooling_under_ignore_gives_the_hand_reference(minilm_dir, mode):
+    """ignore pools the real tokens only, also where Pooling reads positions by column (before 6.2).
+
+    sentence-transformers before 6.2 weigh weightedmean by column index and before 5.5 take cls
+    from column 0: the M excluded virtual columns in front would shift the weights and make cls
+    take virtual token 0. The reference is the text alone, pooled by hand over its real tokens
+    (``[CLS]`` for cls), from the unpatched PEFT model; alone and right-padded in a batch. No
+    known limit is reported.
     """
-    import importlib.metadata
-
-    from packaging.version import Version
     from sentence_transformers import SentenceTransformer
     from sentence_transformers import models as st_models
 
     model = _st(minilm_dir)
-    pooled = SentenceTransformer(
-        modules=[model[0], st_models.Pooling(model[0].get_word_embedding_dimension(), "weightedmean")], device="cpu"
-    )
-    old = Version(importlib.metadata.version("sentence-transformers")).release < (6, 2)
+    dimension = getattr(model[0], "get_embedding_dimension", None) or model[0].get_word_embedding_dimension
+    pooled = SentenceTransformer(modules=[model[0], st_models.Pooling(dimension(), mode)], device="cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        handle = maskpatch.apply(pooled, policy="ignore")
-    handle.remove()
-    reported = [w for w in caught if "inline-weightedmean" in str(w.message)]
-    assert len(reported) == (1 if old else 0)
-    if old:
-        with pytest.raises(maskpatch.KnownLimitError, match="inline-weightedmean"):
-            maskpatch.apply(pooled, policy="ignore", strict=True)
-        assert not maskpatch.is_patched(pooled)
+        with maskpatch.patched(pooled, policy="ignore", strict=True):
+            batch = _encode(pooled, TEXTS)
+            alone = [_encode(pooled, [text])[0] for text in TEXTS]
+    assert not [w for w in caught if issubclass(w.category, maskpatch.MaskpatchWarning)]
+    for i, text in enumerate(TEXTS):
+        feats = _features(pooled, [text])
+        tokens = _prompt_tokens(_peft(pooled), feats["input_ids"], feats["attention_mask"])[0, M:]
+        expected = _pool_by_hand(tokens, mode)
+        torch.testing.assert_close(alone[i], expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(batch[i], expected, atol=ATOL, rtol=0)
 
 
 def test_the_demo_repairs_every_pooling_mode_on_this_release(capsys):
@@ -254,13 +264,11 @@ def test_the_demo_repairs_every_pooling_mode_on_this_release(capsys):
 
     The demo computes each mode's reference by hand (its ``_pool_by_hand``) from the unpatched
     PEFT model, so this covers cls, max, weightedmean and lasttoken too, where the tests above
-    pool by mean. The one mode allowed to miss is the warned known limit of sentence-transformers
-    3.3 - 6.1 (weightedmean under ignore, 'inline-weightedmean'); on 6.2+ there is none.
+    pool by mean. No mode may run into a known limit on any row: weightedmean and cls under
+    ignore read positions by column before 6.2 and 5.5, and maskpatch hands Pooling the real
+    columns there.
     """
     import os
-    from importlib.metadata import version
-
-    from packaging.version import Version
 
     from maskpatch.cli import demo
 
@@ -272,8 +280,4 @@ def test_the_demo_repairs_every_pooling_mode_on_this_release(capsys):
         os.environ.update(environ)
     out = capsys.readouterr().out
     assert status == 0, out
-    limits = [line for line in out.splitlines() if line.startswith("KNOWN LIMIT")]
-    if Version(version("sentence-transformers")) < Version("6.2"):
-        assert all("'weightedmean' under policy 'ignore'" in line for line in limits), limits
-    else:
-        assert limits == []
+    assert [line for line in out.splitlines() if line.startswith("KNOWN LIMIT")] == []

@@ -119,15 +119,15 @@ def test_cli_usage_errors_exit_2(capsys):
 def test_a_known_limit_is_shown_as_such_and_is_not_a_failure(monkeypatch, capsys, restore_demo_settings):
     """A mode whose strict install raises KnownLimitError is listed as that limit, with its message; exit 0.
 
-    sentence-transformers 3.3 - 6.1 weigh weightedmean by column under 'ignore' (the
-    'inline-weightedmean' limit): the demo on those releases must say so, not report FAILED.
-    Simulated here on the pinned release by a strict install that raises for weightedmean.
+    A release where a pooling mode runs into a known limit must have the demo say so, not
+    report FAILED. Simulated here on the pinned release by a strict install that raises for
+    weightedmean.
     """
     real = maskpatch.patched
 
     def patched(model, *, policy, strict=False):
         if strict and getattr(model[1], "pooling_mode", None) in ("weightedmean", ["weightedmean"]):
-            raise maskpatch.KnownLimitError("maskpatch known limit 'inline-weightedmean': simulated")
+            raise maskpatch.KnownLimitError("maskpatch known limit 'simulated': for this test")
         return real(model, policy=policy, strict=strict)
 
     monkeypatch.setattr(maskpatch, "patched", patched)

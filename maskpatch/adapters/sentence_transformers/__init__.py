@@ -36,12 +36,19 @@ from __future__ import annotations
 
 from .adapter import SentenceTransformersAdapter
 from .consumers import ScoringMaskInputHook, ScoringMaskOutputHook, consumer_specs
-from .pooling import PoolingPromptHook, WeightedMeanOrderHook, WeightedMeanRestoreHook, is_weighted_mean
+from .pooling import (
+    PoolingPromptHook,
+    PoolingRealColumnsHook,
+    WeightedMeanOrderHook,
+    WeightedMeanRestoreHook,
+    is_weighted_mean,
+)
 from .transformer import InlineMaskGuardHook, TransformerOutputHook, TransformerPositionHook
 
 __all__ = [
     "InlineMaskGuardHook",
     "PoolingPromptHook",
+    "PoolingRealColumnsHook",
     "ScoringMaskInputHook",
     "ScoringMaskOutputHook",
     "SentenceTransformersAdapter",

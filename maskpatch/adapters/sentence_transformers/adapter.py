@@ -2,8 +2,9 @@
 
 :class:`SentenceTransformersAdapter` walks the model once and plans, for every ``Transformer``,
 the hooks of :mod:`.transformer` (and the position hook on a PEFT model already inside it), for
-every ``Pooling`` under ``extend`` the hooks of :mod:`.pooling`, and for every other module what
-:mod:`.consumers` says it needs. It registers nothing itself (maskpatch does, all or none).
+every ``Pooling`` under ``extend`` (and under ``ignore`` before sentence-transformers 6.2) the
+hooks of :mod:`.pooling`, and for every other module what :mod:`.consumers` says it needs. It
+registers nothing itself (maskpatch does, all or none).
 """
 
 from __future__ import annotations
@@ -11,18 +12,24 @@ from __future__ import annotations
 from torch import nn
 
 from ...compat.generation import generation_cache_name
-from ...compat.st_inline_mask import pooling_weighs_by_column, st_extends_mask_inline
+from ...compat.st_inline_mask import pooling_reads_by_column, st_extends_mask_inline
 from ...compat.st_inner import inner_model, inner_name
 from ...compat.st_modules import st_classes
-from ...compat.versions import SUPPORTED, installed_version
+from ...compat.versions import SUPPORTED
 from ...handle import HookSpec
 from ...hooks import InstallRecord, position_hook_for
 from ...layout import is_peft_model
-from ...limits import INLINE_WEIGHTEDMEAN, limit_hook_for, report
+from ...limits import limit_hook_for
 from ..peft.mask import prompt_output_mask
 from ..peft_generation import generates_with_peft
 from .consumers import consumer_specs
-from .pooling import PoolingPromptHook, WeightedMeanOrderHook, WeightedMeanRestoreHook, is_weighted_mean
+from .pooling import (
+    PoolingPromptHook,
+    PoolingRealColumnsHook,
+    WeightedMeanOrderHook,
+    WeightedMeanRestoreHook,
+    is_weighted_mean,
+)
 from .transformer import InlineMaskGuardHook, TransformerOutputHook, TransformerPositionHook
 
 __all__ = ["SentenceTransformersAdapter"]
@@ -46,7 +53,7 @@ class SentenceTransformersAdapter:
         if classes is None:  # matches() ran first, so sentence-transformers cannot have gone since
             return []
         inline = st_extends_mask_inline()
-        weighs_by_column = pooling_weighs_by_column()
+        by_column = pooling_reads_by_column()
         specs: list[HookSpec] = []
         # An install on a part of the model (apply(model[0])) cannot reach the Pooling that follows.
         sees_pooling = any(isinstance(module, classes.pooling) for module in model.modules())
@@ -58,20 +65,10 @@ class SentenceTransformersAdapter:
                     specs.append(HookSpec(module, InlineMaskGuardHook(record)))
                 specs.append(HookSpec(module, TransformerOutputHook(record, sees_pooling=sees_pooling, inline=inline)))
                 specs.extend(_position_specs(inner_model(module), record))
-            elif (
-                isinstance(module, classes.pooling)
-                and record.policy == "ignore"
-                and is_weighted_mean(module)
-                and weighs_by_column
-            ):
-                report(
-                    record,
-                    INLINE_WEIGHTEDMEAN,
-                    f"sentence-transformers {installed_version('sentence-transformers')} weighs weightedmean "
-                    "pooling by column index, so the M excluded virtual-token columns still shift every real "
-                    "token's weight under 'ignore'",
-                    stacklevel=4,
-                )
+            elif isinstance(module, classes.pooling) and record.policy == "ignore" and by_column:
+                # Before 6.2 Pooling reads some positions by column: it sees the real columns only.
+                specs.append(HookSpec(module, PoolingRealColumnsHook(record)))
+                specs.append(HookSpec(module, WeightedMeanRestoreHook(record)))
             elif isinstance(module, classes.pooling) and record.policy == "extend":
                 specs.append(HookSpec(module, PoolingPromptHook(record)))
                 if is_weighted_mean(module):  # after PoolingPromptHook: it orders the mask that hook made

@@ -1,4 +1,6 @@
-"""The hooks on a sentence-transformers ``Pooling`` module under ``extend``.
+"""The hooks on a sentence-transformers ``Pooling`` module.
+
+Under ``extend``:
 
 * :class:`PoolingPromptHook`: ``Pooling(include_prompt=False)`` excludes the instruction, not the
   virtual tokens in front of it;
@@ -6,7 +8,15 @@
   ``Pooling`` sees the virtual tokens after any left padding, so the weights of the real tokens
   are the ones they get for the text alone, and its output carries the caller's order again.
 
-Under ``ignore`` and ``strip`` the ``Transformer`` hook's repair is all ``Pooling`` needs.
+Under ``ignore``, on sentence-transformers before 6.2, whose ``Pooling`` reads some positions by
+column rather than through the mask:
+
+* :class:`PoolingRealColumnsHook` (with :class:`WeightedMeanRestoreHook`): ``Pooling`` sees only
+  the real columns, so ``weightedmean`` weighs them as for the text alone, ``cls`` takes the
+  first real token and an instruction is cut from the real tokens; its output carries all the
+  columns again.
+
+Otherwise (``strip``; ``ignore`` on 6.2+) the ``Transformer`` hook's repair is all ``Pooling`` needs.
 """
 
 from __future__ import annotations
@@ -17,10 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...drift import strip_positions
 from ...features import copy_features, exclude_leading_tokens, virtual_after_padding
 from ...hooks import ForwardHook, ForwardPreHook
 
-__all__ = ["PoolingPromptHook", "WeightedMeanOrderHook", "WeightedMeanRestoreHook", "is_weighted_mean"]
+__all__ = [
+    "PoolingPromptHook",
+    "PoolingRealColumnsHook",
+    "WeightedMeanOrderHook",
+    "WeightedMeanRestoreHook",
+    "is_weighted_mean",
+]
 
 
 class PoolingPromptHook(ForwardPreHook):
@@ -62,8 +79,8 @@ def is_weighted_mean(pooling: nn.Module) -> bool:
 
 
 # Private keys, only ever in maskpatch's own copies of a features dict, popped again by
-# WeightedMeanRestoreHook: the features WeightedMeanOrderHook reordered, and the padding mask
-# PoolingPromptHook had before it cut the instruction out.
+# WeightedMeanRestoreHook: the features WeightedMeanOrderHook reordered or PoolingRealColumnsHook
+# cut, and the padding mask PoolingPromptHook had before it cut the instruction out.
 _ORIGINAL = "maskpatch_weightedmean_original"
 _PADDING_MASK = "maskpatch_padding_mask"
 
@@ -99,8 +116,43 @@ class WeightedMeanOrderHook(ForwardPreHook):
         return (reordered, *args[1:]), kwargs
 
 
+class PoolingRealColumnsHook(ForwardPreHook):
+    """Pre-hook on ``Pooling`` under ``ignore``, on sentence-transformers before 6.2: pool the real columns only.
+
+    Under ``ignore`` the ``M`` virtual-token columns are in the mask as "do not attend". Those
+    releases' ``Pooling`` reads some positions by column index instead of through the mask:
+    ``weightedmean`` weighs column ``j`` by ``j + 1`` (before 6.2), ``cls`` takes column 0
+    (before 5.5) and ``include_prompt=False`` zeroes the first ``prompt_length`` columns (before
+    5.3). The ``M`` excluded columns in front would shift every real token's weight, make ``cls``
+    take virtual token 0 and cut the virtual tokens instead of the instruction. This hook hands
+    ``Pooling`` a copy of the features whose token embeddings and mask are views of the ``N`` real
+    columns; the modes that read the mask (mean, max, lasttoken, ...) pool exactly what they pool
+    over the whole width. :class:`WeightedMeanRestoreHook` puts every column back in ``Pooling``'s
+    output, so what follows sees the ``M + N`` columns of ``ignore``.
+    """
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        features = args[0] if args else None
+        if not isinstance(features, MutableMapping):
+            return None
+        tokens, mask, ids = features.get("token_embeddings"), features.get("attention_mask"), features.get("input_ids")
+        if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor) and isinstance(ids, Tensor)):
+            return None
+        m = mask.shape[1] - ids.shape[1]
+        if m <= 0 or mask.dim() != 2 or tokens.dim() != 3 or tokens.shape[1] != mask.shape[1]:
+            return None
+        cut = copy_features(features)
+        cut["token_embeddings"] = strip_positions(tokens, m)
+        cut["attention_mask"] = strip_positions(mask, m)
+        cut[_ORIGINAL] = (tokens, mask)
+        return (cut, *args[1:]), kwargs
+
+
 class WeightedMeanRestoreHook(ForwardHook):
-    """Forward hook on the same ``Pooling``: the features it returns carry the caller's column order again."""
+    """Forward hook on the same ``Pooling``: the features it returns carry the caller's columns, in order, again.
+
+    It undoes what :class:`WeightedMeanOrderHook` or :class:`PoolingRealColumnsHook` handed ``Pooling``.
+    """
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not isinstance(output, MutableMapping):
