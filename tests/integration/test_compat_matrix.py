@@ -281,3 +281,39 @@ def test_the_demo_repairs_every_pooling_mode_on_this_release(capsys):
     out = capsys.readouterr().out
     assert status == 0, out
     assert [line for line in out.splitlines() if line.startswith("KNOWN LIMIT")] == []
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_an_instruction_is_left_out_of_the_pooling_on_every_row(minilm_dir, policy):
+    """``Pooling(include_prompt=False)`` leaves out the instruction, never the virtual tokens (every policy).
+
+    Before sentence-transformers 5.3 Pooling zeroes the first ``prompt_length`` columns; under
+    ``ignore`` those would be the M virtual columns, so maskpatch hands Pooling the real columns.
+    The reference: the prompted text alone, run by hand through the unpatched PEFT model, mean
+    pooled over the policy's positions minus the instruction's tokens ([CLS] and the prompt).
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+
+    model = _st(minilm_dir)
+    dimension = getattr(model[0], "get_embedding_dimension", None) or model[0].get_word_embedding_dimension
+    pooling = st_models.Pooling(dimension(), "mean", include_prompt=False)
+    prompted = SentenceTransformer(modules=[model[0], pooling], device="cpu")
+    prompt = "query: "
+    with maskpatch.patched(prompted, policy=policy):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = prompted.encode(TEXTS[:2], prompt=prompt, convert_to_tensor=True, batch_size=2)
+    count = len(prompted.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 1  # [CLS] + the prompt
+    for i, text in enumerate(TEXTS[:2]):
+        feats = _features(prompted, [prompt + text])
+        ids, mask = feats["input_ids"], feats["attention_mask"]
+        tokens = _prompt_tokens(_peft(prompted), ids, mask)
+        real = mask.clone()
+        real[:, :count] = 0  # one unpadded text: its first ``count`` tokens are the instruction
+        if policy == "strip":
+            expected = _mean(tokens[:, M:], real)[0]
+        else:
+            prefix = torch.full((1, M), 1 if policy == "extend" else 0, dtype=mask.dtype)
+            expected = _mean(tokens, torch.cat([prefix, real], dim=1))[0]
+        torch.testing.assert_close(got[i], expected, atol=ATOL, rtol=0)
