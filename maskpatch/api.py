@@ -17,7 +17,7 @@ from .conventions import MaskConvention
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
 from .handle import LOCK as _LOCK
-from .handle import PatchHandle, find_record, install, iter_hooks, remove_hooks
+from .handle import PatchHandle, covers, find_record, install, install_state, iter_hooks, remove_hooks
 from .hooks import InstallRecord
 from .inputs import require_module
 from .registry import Adapter, check_requirements, find_adapter, get_adapter, installed_adapter
@@ -177,7 +177,13 @@ def _joinable_record(model: nn.Module, policy: Policy, prepended: int | None) ->
     check_same_count(model, prepended)
     if record.root is model:
         return record  # the install made on this very model holds every hook patching it needs
-    missing = _missing_hooks(model, record, prepended)
+    try:
+        adapter = _adapter_for(model, prepended)
+    except UnsupportedModelError:
+        return record  # a module no adapter handles, inside a patched model: it is covered by that install
+    if _covers_part(record, model, adapter):
+        return record
+    missing = _missing_hooks(model, record, adapter)
     if missing:
         name = type(model).__name__
         raise AlreadyPatchedError(
@@ -215,11 +221,36 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def _missing_hooks(model: nn.Module, record: InstallRecord, prepended: int | None) -> list[str]:
-    try:
-        adapter = _adapter_for(model, prepended)
-    except UnsupportedModelError:
-        return []  # a module no adapter handles, inside a patched model: it is covered by that install
+# The adapters whose plan for a part of a model is their plan for the whole model restricted to
+# that part's modules (hooks by module class, per module), so that a part the install covered
+# needs no hook it does not hold (:func:`_covers_part`). Not the generic adapter (its output hook
+# sits on the module ``apply`` was called on), nor adapters this list does not name.
+_PART_EXACT_ADAPTERS = frozenset(
+    {
+        ("maskpatch.adapters.sentence_transformers", "SentenceTransformersAdapter"),
+        ("maskpatch.adapters.x_transformers", "XTransformersAdapter"),
+    }
+)
+
+
+def _covers_part(record: InstallRecord, model: nn.Module, adapter: Adapter) -> bool:
+    """Decide, without a plan, that the complete install ``record`` holds every hook patching ``model`` needs.
+
+    True when ``model`` is a part of the install's root that the install covered whole (every
+    module of ``model`` was in the root's tree at install), the install is complete, and the
+    adapter that resolves ``model`` is the one that made it and plans parts as the whole
+    (:data:`_PART_EXACT_ADAPTERS`). Hooks such an install registers lazily (a PEFT model's
+    position ids) it registers on the part's forward too. Otherwise (a container of the root, a
+    model sharing a module with it, a copy, another adapter) the caller compares a plan.
+    """
+    kind = (type(adapter).__module__, type(adapter).__qualname__)
+    if record.owner is not adapter or kind not in _PART_EXACT_ADAPTERS:
+        return False
+    return install_state(record, model) == "active" and covers(record, model)
+
+
+def _missing_hooks(model: nn.Module, record: InstallRecord, adapter: Adapter) -> list[str]:
+    """Name the hooks ``adapter`` would register to patch ``model`` that ``record``'s install lacks (plans)."""
     have = {(id(module), type(hook)) for module, _, hook in iter_hooks(model) if hook.record is record}
     probe = InstallRecord(record.policy, adapter.name, pinned=False)
     return [
