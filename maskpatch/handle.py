@@ -21,6 +21,7 @@ __all__ = [
     "install",
     "install_state",
     "iter_hooks",
+    "note_late_site",
     "own_install",
     "remove_hooks",
 ]
@@ -91,6 +92,23 @@ def _track_root(record: InstallRecord, root: nn.Module) -> None:
             _SHARING.setdefault(record, weakref.WeakSet()).add(other)
             _SHARING.setdefault(other, weakref.WeakSet()).add(record)
     _ROOTS[root] = weakref.ref(record)
+    record.tracked = True
+
+
+def note_late_site(record: InstallRecord, module: nn.Module) -> None:
+    """Note a hook ``record`` registered on ``module`` after its install (during a forward; under :data:`LOCK`).
+
+    Lazily registered hooks land on a module put into the root since (a PeftModel added after
+    ``apply``); when another live install's root holds that module too, the two installs now
+    share it (see :func:`own_install`). O(modules of the other live roots), once per such hook.
+    """
+    for other_root, ref in list(_ROOTS.items()):
+        other = ref()
+        if other is None or other is record or other.removed:
+            continue
+        if any(found is module for found in other_root.modules()):
+            _SHARING.setdefault(record, weakref.WeakSet()).add(other)
+            _SHARING.setdefault(other, weakref.WeakSet()).add(record)
 
 
 def iter_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, int, MaskpatchHook]]:
@@ -131,10 +149,12 @@ def own_install(model: nn.Module) -> InstallRecord | None:
     ``apply`` on a part, a container or a model sharing a module joins the install it finds, or
     raises), and where two installs' trees shared a module when the later was made (a host install
     on a PeftModel patched on its own, an install on a part that carried none of the first one's
-    hooks yet, two models sharing a module) both are remembered as sharing, and this returns None
-    while the other is live. What it cannot see: a module carrying another install moved into
-    ``model`` after both were made (``model[0].model = other_patched_peft_model``); the rule is to
-    remove an install before moving its modules into another patched model.
+    hooks yet, two models sharing a module, a hook registered lazily on a module another install's
+    root holds) both are remembered as sharing, and this returns None while the other is live.
+    What it cannot see: a module that carries another install's hooks already, put into ``model``
+    after ``apply(model)`` (``model[0].model = other_patched_peft_model``); then ``remove(model)``
+    removes ``model``'s own install, as its ``handle.remove()`` does, and the other install stays
+    whole. The rule: remove an install before moving its modules into another patched model.
     """
     record = _root_record(model)
     if record is None:

@@ -74,6 +74,9 @@ class InstallRecord:
         #: The adapter object that planned the install (its capabilities, e.g. ``output_mask``, are
         #: asked through the record); None on a copy, where the registry is asked by ``adapter`` name.
         self.owner: Any = None
+        #: Set once the install is known by its root (:func:`maskpatch.handle.install`): a hook
+        #: registered after that (during a forward) is noted there, for where it lands.
+        self.tracked = False
 
     def register(self, module: nn.Module, hook: MaskpatchHook) -> bool:
         """Register ``hook`` on ``module`` for this install unless it was removed; return whether it was.
@@ -90,6 +93,10 @@ class InstallRecord:
                 site = module.register_forward_hook(hook, with_kwargs=True, always_call=hook.always_call)
             self.sites.append(site)
             hook.attached()
+            if self.tracked:  # registered lazily: it may land in a module another install's tree holds
+                from .handle import note_late_site  # imported here: handle imports this module
+
+                note_late_site(self, module)
             return True
 
     def hooks(self) -> list[MaskpatchHook]:
@@ -116,12 +123,13 @@ class InstallRecord:
         # open: it stays patched until ``maskpatch.remove`` is called on it. The root is not
         # carried along, so that pickling a part of a patched model does not drag in the whole;
         # neither are the sites and releases of the original's hooks (a copy is found by scanning).
-        state = {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": []}
+        state = {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": [], "tracked": False}
         return {**state, "owner": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Records pickled by an older maskpatch lack the newer fields.
-        self.__dict__.update({"sites": [], "releases": [], "removed": False, "root": None, "owner": None, **state})
+        defaults = {"sites": [], "releases": [], "removed": False, "root": None, "owner": None, "tracked": False}
+        self.__dict__.update({**defaults, **state})
 
     def __repr__(self) -> str:
         return f"InstallRecord(policy={self.policy!r}, adapter={self.adapter!r})"
