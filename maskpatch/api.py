@@ -41,7 +41,12 @@ def apply(
     model installs nothing: it warns and returns the existing install's handle, and raises
     :class:`AlreadyPatchedError` if it asks for another policy, or if the existing install was
     made on a part of ``model`` and lacks hooks that patching ``model`` needs (``apply(model[0])``
-    then ``apply(model)`` under ``extend``). ``handle.remove()`` undoes the install exactly.
+    then ``apply(model)`` under ``extend``). Joining a part of the model an install was made on
+    (``apply(model)`` then ``apply(model[0])``) is decided from the install's record when the
+    install covered that part whole and its adapter plans parts as the whole (sentence-transformers,
+    x-transformers); otherwise (a container of the install's root, a model sharing a module with
+    it, a copy, a part another adapter resolves, such as the PeftModel inside) from a plan
+    compared with the hooks in place. ``handle.remove()`` undoes the install exactly.
     Library versions outside an adapter's tested range raise :class:`UnsupportedVersionError`
     unless ``check_versions`` is false.
 
@@ -145,6 +150,19 @@ def remove(model: nn.Module) -> bool:
     ``model`` shares a module with another model patched by the same install, that model is
     unpatched too (no model is left half repaired). For a host (a pipeline, a Trainer) it removes
     every maskpatch hook from the host's model.
+
+    On the model :func:`apply` was called on, the install is removed through its record (torch's
+    removable handles of its hooks): O(hooks), no walk of the model's modules. That is exact
+    because one module tree holds one install: a second ``apply`` on a part, a container or a
+    model sharing a module joins the install it finds or raises, and where two installs' trees do
+    meet (a host install on a PeftModel patched on its own, an install on a PeftModel added to a
+    patched model later, a hook registered lazily on a module another patched model holds) both
+    are remembered as sharing, and ``remove`` scans ``model`` as long as the other is live. A part
+    or a container of an install's root, a copy and an unpatched model are scanned. The one thing
+    no record sees is a module that already carries another install's hooks put into ``model``
+    after ``apply(model)``: ``remove(model)`` then removes ``model``'s own install (as its
+    ``handle.remove()`` does) and leaves the other whole; remove an install before moving its
+    modules into another patched model.
     """
     host = host_adapter(model)
     if host is not None:
@@ -169,6 +187,12 @@ def _joinable_record(model: nn.Module, policy: Policy, prepended: int | None) ->
     every hook that patching ``model`` itself would register. An install made on a part of
     ``model`` (``apply(model[0])`` or ``apply(peft_model)`` before ``apply(model)``) may lack
     some, and joining it would leave ``model`` half repaired: that raises instead.
+
+    Decided without a plan where the record answers: ``model`` is the install's root, no adapter
+    handles ``model`` (a module inside a patched model), or ``model`` is a part the install
+    covered (:func:`_covers_part`). A container of the root, a model sharing a module with it, a
+    copy (its root is unknown) and a part another adapter resolves still compare a plan: what an
+    adapter would hook outside the root's tree, or on a model it did not plan, only its plan says.
     """
     record = find_record(model)
     if record is None:

@@ -2,9 +2,10 @@
 
 Every hook is an instance of a module-level class holding plain data, so a patched model
 survives ``pickle``, ``copy.deepcopy`` and ``torch.save`` (multi-process pools pickle the model).
-The hooks of one install share one :class:`InstallRecord`; ``is_patched`` and ``remove`` find
-them by scanning the model, so no side table keyed by ``id()`` is needed and a copy of a patched
-model is still patched.
+The hooks of one install share one :class:`InstallRecord`, which keeps torch's removable handles
+of them: on the model ``apply`` was called on, ``is_patched`` and ``remove`` go through it
+(:mod:`maskpatch.handle`); a copy of a patched model carries its hooks and records along, is
+still patched, and is found by scanning it.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ class InstallRecord:
         # open: it stays patched until ``maskpatch.remove`` is called on it. The root is not
         # carried along, so that pickling a part of a patched model does not drag in the whole;
         # neither are the sites and releases of the original's hooks (a copy is found by scanning).
-        state = {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": [], "tracked": False}
-        return {**state, "owner": None}
+        state = {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": []}
+        return {**state, "owner": None, "tracked": False}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Records pickled by an older maskpatch lack the newer fields.
