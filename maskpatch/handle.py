@@ -88,10 +88,21 @@ def _track_root(record: InstallRecord, root: nn.Module) -> None:
         if other is None or other is record or other.removed:
             continue
         if other_root is root or any(id(module) in ids for module in _tree(other_root)):
-            _SHARING.setdefault(record, weakref.WeakSet()).add(other)
-            _SHARING.setdefault(other, weakref.WeakSet()).add(record)
+            _share(record, other, other_root)
     _ROOTS[root] = weakref.ref(record)
     record.tracked = True
+
+
+def _share(record: InstallRecord, other: InstallRecord, other_root: nn.Module) -> None:
+    """Remember that ``record`` and ``other`` (known by ``other_root``) share a module, both ways.
+
+    Also with the live installs made on ``other_root`` itself that ``other`` displaced from
+    :data:`_ROOTS` (a PeftModel's own install under a host install): they sit in that tree too.
+    """
+    same_root = [p for p in _SHARING.get(other, ()) if p.root is other_root and p is not record and not p.removed]
+    for partner in (other, *same_root):
+        _SHARING.setdefault(record, weakref.WeakSet()).add(partner)
+        _SHARING.setdefault(partner, weakref.WeakSet()).add(record)
 
 
 def note_late_site(record: InstallRecord, module: nn.Module) -> None:
@@ -106,8 +117,7 @@ def note_late_site(record: InstallRecord, module: nn.Module) -> None:
         if other is None or other is record or other.removed:
             continue
         if any(found is module for found in _tree(other_root)):
-            _SHARING.setdefault(record, weakref.WeakSet()).add(other)
-            _SHARING.setdefault(other, weakref.WeakSet()).add(record)
+            _share(record, other, other_root)
 
 
 def iter_hooks(model: nn.Module) -> Iterator[tuple[nn.Module, int, MaskpatchHook]]:

@@ -84,7 +84,7 @@ def test_remove_on_the_root_walks_no_module_and_is_exact(model, monkeypatch, pol
     assert maskpatch.remove(model) is False
 
 
-def test_remove_on_a_part_or_a_copy_still_removes_the_whole_install(model):
+def test_remove_on_a_part_still_removes_the_whole_install(model):
     """Not the root (a part of it): found by scanning, removed whole, from the root too."""
     handle = maskpatch.apply(model)
     assert maskpatch.remove(model[0]) is True
