@@ -1,16 +1,21 @@
 """Per-call cost of the install-path queries and of a positional PeftModel call (prints microseconds).
 
-    PYTHONPATH=$PWD python benchmarks/install_path.py
+    PYTHONPATH=$PWD taskset -c 0 python benchmarks/install_path.py
 
 Times, on a tiny BERT SentenceTransformer-free setup (a prompt-tuned PeftModelForFeatureExtraction,
 M=4, and a MiniLM-sized module tree is not needed: the cost is per module and per hook):
 ``maskpatch.output_mask``, ``maskpatch.is_patched``, ``handle.active``, and binding the arguments
-of a positional call of a patched PeftModel (what the call hook does first; minimum of repeats). No
-assertions: the numbers are indicative (a shared machine).
+of a positional call of a patched PeftModel (what the call hook does first; minimum of repeats).
+On all-MiniLM-L6-v2 it also times ``maskpatch.remove(model)`` on the model ``apply`` was called on
+(each timed call removes a fresh install; the re-apply is not timed), and two joins: ``apply(model)``
+on an already patched model and ``apply(model[0])`` after ``apply(model)``. torch uses one thread;
+run it pinned to one core (``taskset -c 0``). No assertions: the numbers are indicative (a shared
+machine).
 """
 
 from __future__ import annotations
 
+import time
 import timeit
 import warnings
 
@@ -71,7 +76,23 @@ def _sentence_transformer() -> None:
     )
     print(f"maskpatch.is_patched:                     {_best(lambda: maskpatch.is_patched(model), 1000):8.2f} us")
     print(f"handle.active:                            {_best(lambda: handle.active, 1000):8.2f} us")
+    print(f"apply(model), joining its own install:    {_best(lambda: maskpatch.apply(model), 200):8.2f} us")
+    print(f"apply(model[0]) after apply(model), join: {_best(lambda: maskpatch.apply(model[0]), 200):8.2f} us")
     handle.remove()
+    print(f"maskpatch.remove(model) (the root):       {_best_remove(model, 200):8.2f} us")
+
+
+def _best_remove(model, repeat: int) -> float:
+    """Minimum over ``repeat`` calls of ``maskpatch.remove(model)``, each on a fresh install (apply not timed)."""
+    best = float("inf")
+    for _ in range(repeat):
+        maskpatch.apply(model)
+        start = time.perf_counter_ns()
+        removed = maskpatch.remove(model)
+        best = min(best, (time.perf_counter_ns() - start) / 1e3)
+        if not removed:
+            raise RuntimeError("maskpatch.remove(model) found no install to remove")
+    return best
 
 
 if __name__ == "__main__":

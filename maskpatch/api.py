@@ -17,7 +17,7 @@ from .conventions import MaskConvention
 from .drift import Policy, validate_policy
 from .errors import AlreadyPatchedError, MaskpatchWarning, UnsupportedModelError
 from .handle import LOCK as _LOCK
-from .handle import PatchHandle, find_record, install, iter_hooks, remove_hooks
+from .handle import PatchHandle, covers, find_record, install, install_state, iter_hooks, remove_hooks
 from .hooks import InstallRecord
 from .inputs import require_module
 from .registry import Adapter, check_requirements, find_adapter, get_adapter, installed_adapter
@@ -41,7 +41,12 @@ def apply(
     model installs nothing: it warns and returns the existing install's handle, and raises
     :class:`AlreadyPatchedError` if it asks for another policy, or if the existing install was
     made on a part of ``model`` and lacks hooks that patching ``model`` needs (``apply(model[0])``
-    then ``apply(model)`` under ``extend``). ``handle.remove()`` undoes the install exactly.
+    then ``apply(model)`` under ``extend``). Joining a part of the model an install was made on
+    (``apply(model)`` then ``apply(model[0])``) is decided from the install's record when the
+    install covered that part whole and its adapter plans parts as the whole (sentence-transformers,
+    x-transformers); otherwise (a container of the install's root, a model sharing a module with
+    it, a copy, a part another adapter resolves, such as the PeftModel inside) from a plan
+    compared with the hooks in place. ``handle.remove()`` undoes the install exactly.
     Library versions outside an adapter's tested range raise :class:`UnsupportedVersionError`
     unless ``check_versions`` is false.
 
@@ -145,6 +150,19 @@ def remove(model: nn.Module) -> bool:
     ``model`` shares a module with another model patched by the same install, that model is
     unpatched too (no model is left half repaired). For a host (a pipeline, a Trainer) it removes
     every maskpatch hook from the host's model.
+
+    On the model :func:`apply` was called on, the install is removed through its record (torch's
+    removable handles of its hooks): O(hooks), no walk of the model's modules. That is exact
+    because one module tree holds one install: a second ``apply`` on a part, a container or a
+    model sharing a module joins the install it finds or raises, and where two installs' trees do
+    meet (a host install on a PeftModel patched on its own, an install on a PeftModel added to a
+    patched model later, a hook registered lazily on a module another patched model holds) both
+    are remembered as sharing, and ``remove`` scans ``model`` as long as the other is live. A part
+    or a container of an install's root, a copy and an unpatched model are scanned. The one thing
+    no record sees is a module that already carries another install's hooks put into ``model``
+    after ``apply(model)``: ``remove(model)`` then removes ``model``'s own install (as its
+    ``handle.remove()`` does) and leaves the other whole; remove an install before moving its
+    modules into another patched model.
     """
     host = host_adapter(model)
     if host is not None:
@@ -169,6 +187,12 @@ def _joinable_record(model: nn.Module, policy: Policy, prepended: int | None) ->
     every hook that patching ``model`` itself would register. An install made on a part of
     ``model`` (``apply(model[0])`` or ``apply(peft_model)`` before ``apply(model)``) may lack
     some, and joining it would leave ``model`` half repaired: that raises instead.
+
+    Decided without a plan where the record answers: ``model`` is the install's root, no adapter
+    handles ``model`` (a module inside a patched model), or ``model`` is a part the install
+    covered (:func:`_covers_part`). A container of the root, a model sharing a module with it, a
+    copy (its root is unknown) and a part another adapter resolves still compare a plan: what an
+    adapter would hook outside the root's tree, or on a model it did not plan, only its plan says.
     """
     record = find_record(model)
     if record is None:
@@ -177,7 +201,13 @@ def _joinable_record(model: nn.Module, policy: Policy, prepended: int | None) ->
     check_same_count(model, prepended)
     if record.root is model:
         return record  # the install made on this very model holds every hook patching it needs
-    missing = _missing_hooks(model, record, prepended)
+    try:
+        adapter = _adapter_for(model, prepended)
+    except UnsupportedModelError:
+        return record  # a module no adapter handles, inside a patched model: it is covered by that install
+    if _covers_part(record, model, adapter):
+        return record
+    missing = _missing_hooks(model, record, adapter)
     if missing:
         name = type(model).__name__
         raise AlreadyPatchedError(
@@ -215,11 +245,36 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def _missing_hooks(model: nn.Module, record: InstallRecord, prepended: int | None) -> list[str]:
-    try:
-        adapter = _adapter_for(model, prepended)
-    except UnsupportedModelError:
-        return []  # a module no adapter handles, inside a patched model: it is covered by that install
+# The adapters whose plan for a part of a model is their plan for the whole model restricted to
+# that part's modules (hooks by module class, per module), so that a part the install covered
+# needs no hook it does not hold (:func:`_covers_part`). Not the generic adapter (its output hook
+# sits on the module ``apply`` was called on), nor adapters this list does not name.
+_PART_EXACT_ADAPTERS = frozenset(
+    {
+        ("maskpatch.adapters.sentence_transformers", "SentenceTransformersAdapter"),
+        ("maskpatch.adapters.x_transformers", "XTransformersAdapter"),
+    }
+)
+
+
+def _covers_part(record: InstallRecord, model: nn.Module, adapter: Adapter) -> bool:
+    """Decide, without a plan, that the complete install ``record`` holds every hook patching ``model`` needs.
+
+    True when ``model`` is a part of the install's root that the install covered whole (every
+    module of ``model`` was in the root's tree at install), the install is complete, and the
+    adapter that resolves ``model`` is the one that made it and plans parts as the whole
+    (:data:`_PART_EXACT_ADAPTERS`). Hooks such an install registers lazily (a PEFT model's
+    position ids) it registers on the part's forward too. Otherwise (a container of the root, a
+    model sharing a module with it, a copy, another adapter) the caller compares a plan.
+    """
+    kind = (type(adapter).__module__, type(adapter).__qualname__)
+    if record.owner is not adapter or kind not in _PART_EXACT_ADAPTERS:
+        return False
+    return install_state(record, model) == "active" and covers(record, model)
+
+
+def _missing_hooks(model: nn.Module, record: InstallRecord, adapter: Adapter) -> list[str]:
+    """Name the hooks ``adapter`` would register to patch ``model`` that ``record``'s install lacks (plans)."""
     have = {(id(module), type(hook)) for module, _, hook in iter_hooks(model) if hook.record is record}
     probe = InstallRecord(record.policy, adapter.name, pinned=False)
     return [

@@ -2,9 +2,10 @@
 
 Every hook is an instance of a module-level class holding plain data, so a patched model
 survives ``pickle``, ``copy.deepcopy`` and ``torch.save`` (multi-process pools pickle the model).
-The hooks of one install share one :class:`InstallRecord`; ``is_patched`` and ``remove`` find
-them by scanning the model, so no side table keyed by ``id()`` is needed and a copy of a patched
-model is still patched.
+The hooks of one install share one :class:`InstallRecord`, which keeps torch's removable handles
+of them: on the model ``apply`` was called on, ``is_patched`` and ``remove`` go through it
+(:mod:`maskpatch.handle`); a copy of a patched model carries its hooks and records along, is
+still patched, and is found by scanning it.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class InstallRecord:
         #: The adapter object that planned the install (its capabilities, e.g. ``output_mask``, are
         #: asked through the record); None on a copy, where the registry is asked by ``adapter`` name.
         self.owner: Any = None
+        #: Set once the install is known by its root (:func:`maskpatch.handle.install`): a hook
+        #: registered after that (during a forward) is noted there, for where it lands.
+        self.tracked = False
 
     def register(self, module: nn.Module, hook: MaskpatchHook) -> bool:
         """Register ``hook`` on ``module`` for this install unless it was removed; return whether it was.
@@ -93,6 +97,10 @@ class InstallRecord:
                 site = module.register_forward_hook(hook, with_kwargs=True, always_call=hook.always_call)
             self.sites.append(site)
             hook.attached()
+            if self.tracked:  # registered lazily: it may land in a module another install's tree holds
+                from .handle import note_late_site  # imported here: handle imports this module
+
+                note_late_site(self, module)
             return True
 
     def hooks(self) -> list[MaskpatchHook]:
@@ -120,11 +128,12 @@ class InstallRecord:
         # carried along, so that pickling a part of a patched model does not drag in the whole;
         # neither are the sites and releases of the original's hooks (a copy is found by scanning).
         state = {**self.__dict__, "pinned": True, "contexts": 0, "root": None, "sites": [], "releases": []}
-        return {**state, "owner": None}
+        return {**state, "owner": None, "tracked": False}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Records pickled by an older maskpatch lack the newer fields.
-        self.__dict__.update({"sites": [], "releases": [], "removed": False, "root": None, "owner": None, **state})
+        defaults = {"sites": [], "releases": [], "removed": False, "root": None, "owner": None, "tracked": False}
+        self.__dict__.update({**defaults, **state})
 
     def __repr__(self) -> str:
         return f"InstallRecord(policy={self.policy!r}, adapter={self.adapter!r})"
