@@ -249,12 +249,6 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 # that part's modules (hooks by module class, per module), so that a part the install covered
 # needs no hook it does not hold (:func:`_covers_part`). Not the generic adapter (its output hook
 # sits on the module ``apply`` was called on), nor adapters this list does not name.
-_PART_EXACT_ADAPTERS = frozenset(
-    {
-        ("maskpatch.adapters.sentence_transformers", "SentenceTransformersAdapter"),
-        ("maskpatch.adapters.x_transformers", "XTransformersAdapter"),
-    }
-)
 
 
 def _covers_part(record: InstallRecord, model: nn.Module, adapter: Adapter) -> bool:
@@ -262,13 +256,12 @@ def _covers_part(record: InstallRecord, model: nn.Module, adapter: Adapter) -> b
 
     True when ``model`` is a part of the install's root that the install covered whole (every
     module of ``model`` was in the root's tree at install), the install is complete, and the
-    adapter that resolves ``model`` is the one that made it and plans parts as the whole
-    (:data:`_PART_EXACT_ADAPTERS`). Hooks such an install registers lazily (a PEFT model's
+    adapter that resolves ``model`` is the one that made it and plans parts as the whole (it
+    declares ``plans_parts_exactly = True``, an optional capability). Hooks such an install registers lazily (a PEFT model's
     position ids) it registers on the part's forward too. Otherwise (a container of the root, a
     model sharing a module with it, a copy, another adapter) the caller compares a plan.
     """
-    kind = (type(adapter).__module__, type(adapter).__qualname__)
-    if record.owner is not adapter or kind not in _PART_EXACT_ADAPTERS:
+    if record.owner is not adapter or getattr(adapter, "plans_parts_exactly", False) is not True:
         return False
     return install_state(record, model) == "active" and covers(record, model)
 

@@ -58,6 +58,9 @@ class XTransformersAdapter:
     name = NAME
     requires = {"x-transformers": ">=2.31,<3", "torch": ">=2.4"}
     optional: dict[str, str] = {}
+    #: A part of a model this adapter patched (``apply(model)`` then ``apply(model[0])``) is planned
+    #: as within the whole, so joining it is decided from the install record (optional capability).
+    plans_parts_exactly = True
 
     def matches(self, model: object) -> bool:
         cls = _wrapper_class()

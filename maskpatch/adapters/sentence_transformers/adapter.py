@@ -41,6 +41,9 @@ class SentenceTransformersAdapter:
     name = "sentence-transformers"
     requires = {dist: SUPPORTED[dist] for dist in ("sentence-transformers", "transformers", "torch")}
     optional = {"peft": SUPPORTED["peft"]}
+    #: A part of a model this adapter patched (``apply(model)`` then ``apply(model[0])``) is planned
+    #: as within the whole, so joining it is decided from the install record (optional capability).
+    plans_parts_exactly = True
 
     def matches(self, model: object) -> bool:
         classes = st_classes()
