@@ -250,6 +250,18 @@ def _check_contract(adapter: Any, sample: object, case: Case) -> None:
         assert "<locals>" not in type(spec.hook).__qualname__
         assert type(pickle.loads(pickle.dumps(spec.hook))) is type(spec.hook)
 
+    if getattr(adapter, "plans_parts_exactly", False):
+        # The capability's promise: a part the adapter handles is planned as within the whole, so a
+        # join on it can be decided from the install record (apply(model) then apply(model[0])).
+        # Checked on the sample's own parts and on the sample as a part of a container.
+        container = nn.ModuleList([model])
+        pairs = [(model, child) for child in model.children() if adapter.matches(child)] + [(container, model)]
+        for whole_model, part in pairs:
+            whole = {(id(spec.module), type(spec.hook)) for spec in adapter.plan(whole_model, record)}
+            planned = {(id(spec.module), type(spec.hook)) for spec in adapter.plan(part, record)}
+            assert planned and planned <= whole, f"{adapter.name} plans {type(part).__name__} differently alone"
+        assert_no_residue(before, model)
+
     handle = apply(sample, policy="extend", **case.options)
     assert maskpatch.is_patched(sample) and handle.active
     handle.remove()
