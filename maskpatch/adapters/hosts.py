@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import wrapt
 from torch import Tensor, nn
 
+from .. import provenance
 from ..drift import Policy, check_excess, strip_positions, validate_policy
 from ..errors import (
     AlreadyPatchedError,
@@ -52,7 +53,6 @@ from ..errors import (
     UnsupportedModelError,
     UnsupportedVersionError,
 )
-from .. import provenance
 from ..handle import LOCK, HookSpec, PatchHandle, find_record, install, remove_hooks
 from ..hooks import InstallRecord, MaskpatchHook
 from ..nesting import counted_block

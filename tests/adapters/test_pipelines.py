@@ -391,6 +391,7 @@ def test_a_pickled_model_of_a_patched_pipeline_works_in_a_new_pipeline_after_a_f
     expected = token_classification_by_hand(
         make_pipeline("token-classification", tagger, tokenizer), tagger, TEXTS[1], "none"
     )
+    residue_snapshot()  # settles: class wrappers held only by installs of earlier tests come off
     before = class_state(Pipeline)
     with maskpatch.patched(make_pipeline("token-classification", tagger, tokenizer), policy="extend"):
         blob = pickle.dumps(tagger)
@@ -428,7 +429,9 @@ def test_the_last_pipeline_install_removed_leaves_the_pipeline_class_exactly_as_
     from transformers.pipelines.base import Pipeline
 
     n = len(tokenizer(TEXTS[0])["input_ids"])
-    first = make_pipeline("feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer)
+    first = make_pipeline(
+        "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer
+    )
     second = make_pipeline(
         "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size, seed=1), tokenizer
     )
@@ -469,10 +472,14 @@ def test_a_pipeline_install_dropped_without_remove_is_released_by_the_next_remov
     from transformers.pipelines.base import Pipeline
 
     maskpatch.apply(
-        make_pipeline("feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer)
+        make_pipeline(
+            "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer
+        )
     )
     gc.collect()
-    other = make_pipeline("feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer)
+    other = make_pipeline(
+        "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer
+    )
     with maskpatch.patched(other):
         assert class_state(Pipeline) != pipeline_class_before
     assert class_state(Pipeline) == pipeline_class_before

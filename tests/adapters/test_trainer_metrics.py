@@ -198,7 +198,10 @@ def test_the_last_trainer_install_removed_leaves_the_trainer_class_exactly_as_be
     residue_snapshot()  # settles: class wrappers held only by installs of earlier tests come off
     before = class_state(Trainer)
     metric = ZipAccuracy()
-    first, second = make_trainer(tagger(), tmp_path / "a", ZipAccuracy()), make_trainer(tagger(), tmp_path / "b", metric)
+    first, second = (
+        make_trainer(tagger(), tmp_path / "a", ZipAccuracy()),
+        make_trainer(tagger(), tmp_path / "b", metric),
+    )
     handle = maskpatch.apply(first, policy="extend")
     assert class_state(Trainer) != before
     with maskpatch.patched(second, policy="extend"):

@@ -289,6 +289,7 @@ def test_an_install_dropped_without_remove_is_released_by_the_next_removal(tiny_
 
     before = process_guard_off
     maskpatch.apply(add_prompt_learning(st_model(tiny_model_dir("bert")), m=M), policy="extend")
+    assert class_state(PeftModel)["from_pretrained"] != before["from_pretrained"]  # held while it lived
     gc.collect()
     with maskpatch.patched(add_prompt_learning(st_model(tiny_model_dir("bert")), m=M), policy="extend"):
         assert class_state(PeftModel) != before
