@@ -35,7 +35,9 @@ guard has two holders, and the wrappers are on while either holds them:
   last such install is removed ``PeftModel.__dict__`` is exactly as before the first.
 
 :func:`unguard_loads` then :func:`guard_loads` put the process part off and on again; the
-wrappers come off, restoring both methods exactly, when neither holder is left.
+wrappers come off, restoring both methods exactly, when neither holder is left. The page
+"What maskpatch changes on classes" of the docs lists every class-level wrapper.
+
 ``maskpatch doctor`` reads the sidecar too (:func:`read_sidecar`).
 """
 
