@@ -446,6 +446,44 @@ def test_the_last_pipeline_install_removed_leaves_the_pipeline_class_exactly_as_
     assert _features(second, TEXTS[0]) == n + M
 
 
+def test_patched_pipeline_blocks_on_several_threads_leave_the_pipeline_class_exactly_as_before(
+    tokenizer, pipeline_class_before
+):
+    """Holds and releases race under LOCK: four threads open and close patched blocks on their own pipelines,
+    overlapping; each sees N-long outputs inside its block; afterwards ``Pipeline.__dict__`` is as before."""
+    import threading
+
+    from transformers.pipelines.base import Pipeline
+
+    n = len(tokenizer(TEXTS[0])["input_ids"])
+    pipes = [
+        make_pipeline(
+            "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size, seed=i), tokenizer
+        )
+        for i in range(4)
+    ]
+    barrier, seen, errors = threading.Barrier(len(pipes)), [], []
+
+    def work(pipe) -> None:
+        try:
+            for _ in range(3):
+                barrier.wait()
+                with maskpatch.patched(pipe, policy="extend"):
+                    seen.append(_features(pipe, TEXTS[0]))
+        except BaseException as exc:  # noqa: BLE001 - reported below: a failing thread must fail the test
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(pipe,)) for pipe in pipes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert seen == [n] * 12
+    assert class_state(Pipeline) == pipeline_class_before
+
+
 def test_a_deep_copy_of_a_patched_pipeline_model_holds_the_wrapper_until_it_is_removed(
     tokenizer, pipeline_class_before
 ):
