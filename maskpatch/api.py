@@ -114,24 +114,21 @@ def patched(
         ) as handle:
             yield handle
         return
+    from .nesting import counted_block  # the nesting rule, shared with the host adapters
+
     policy = _validate(model, policy, prepended_tokens)
-    model = unwrap_compiled(model)
-    with _LOCK:
-        record = _joinable_record(model, policy, prepended_tokens)
-        if record is None:
-            handle = _install(
-                model, policy, pinned=False, check_versions=check_versions, prepended=prepended_tokens, strict=strict
-            )
-        else:
-            handle = PatchHandle(model, record)
-        handle._record.contexts += 1
-    try:
+    target = unwrap_compiled(model)
+
+    def open_install() -> PatchHandle:
+        record = _joinable_record(target, policy, prepended_tokens)
+        if record is not None:
+            return PatchHandle(target, record)
+        return _install(
+            target, policy, pinned=False, check_versions=check_versions, prepended=prepended_tokens, strict=strict
+        )
+
+    with counted_block(open_install) as handle:
         yield handle
-    finally:
-        with _LOCK:
-            handle._record.contexts -= 1
-            if handle._record.contexts == 0 and not handle._record.pinned:
-                handle.remove()
 
 
 def is_patched(model: nn.Module) -> bool:

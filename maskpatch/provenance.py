@@ -13,13 +13,30 @@ sidecar, :data:`SIDECAR`, next to ``adapter_config.json``:
   byte-identical to an unpatched save. The wrapper goes in with the first install and comes off,
   restoring the class exactly, when the last patched model is unpatched (or garbage collected,
   noticed at the next removal).
-* **on load.** While maskpatch is imported, ``PeftModel.from_pretrained`` and
-  ``PeftModel.load_adapter`` are wrapped (a post-import hook waits for peft; nothing is imported
-  eagerly). When the adapter directory holds a sidecar and the model the adapter goes into is
-  not patched with that policy, one :class:`~maskpatch.errors.MaskpatchWarning` names the policy
-  and what to do. Under auto-enable (``MASKPATCH_AUTO``) a PeftModel that ``from_pretrained``
-  builds is patched with the recorded policy instead (replacing auto-enable's own install of it).
-  :func:`unguard_loads` restores both methods exactly.
+* **on load.** ``PeftModel.from_pretrained`` and ``PeftModel.load_adapter`` are wrapped. When
+  the adapter directory holds a sidecar and the model the adapter goes into is not patched with
+  that policy, one :class:`~maskpatch.errors.MaskpatchWarning` names the policy and what to do.
+  Under auto-enable (``MASKPATCH_AUTO``) a PeftModel that ``from_pretrained`` builds is patched
+  with the recorded policy instead (replacing auto-enable's own install of it).
+
+**How long the load guard stays on, and why part of it is process-wide.** Its main case is a
+load into a model that is *not* patched: there is no install then to tie the wrapper to. So the
+guard has two holders, and the wrappers are on while either holds them:
+
+* *the process*, from the first use of maskpatch's public API (``maskpatch.apply``, any name
+  :mod:`maskpatch` exports lazily) or :func:`maskpatch.auto.autoenable.enable` (auto-enable
+  patches what ``from_pretrained`` builds with the recorded policy, before any install of it
+  exists), until :func:`unguard_loads`. A post-import hook waits for peft; nothing is imported
+  eagerly. This part stays on for the process on purpose: :func:`unguard_loads` is the opt out.
+* *the installs*: every install of :func:`maskpatch.apply` (and of a host, when it patches the
+  host's model) holds the guard while it lives, exactly as it holds the ``save_pretrained``
+  wrapper. So a load into a patched model is checked even with the process part off (after
+  :func:`unguard_loads`, or when maskpatch is used only through its submodules), and after the
+  last such install is removed ``PeftModel.__dict__`` is exactly as before the first.
+
+:func:`unguard_loads` then :func:`guard_loads` put the process part off and on again; the
+wrappers come off, restoring both methods exactly, when neither holder is left. The page
+"What maskpatch changes on classes" of the docs lists every class-level wrapper.
 
 ``maskpatch doctor`` reads the sidecar too (:func:`read_sidecar`).
 """
@@ -51,6 +68,7 @@ __all__ = [
     "SIDECAR",
     "TrainedWith",
     "guard_loads",
+    "load_guard_holders",
     "read_sidecar",
     "served_policy",
     "track",
@@ -80,15 +98,19 @@ class TrainedWith:
     format: int = FORMAT
 
 
+#: One wrapped class method: (class, attribute, original as found in the class ``__dict__``, wrapper).
+_Wrapped = tuple[type, str, Any, Any]
+
+
 class _State:
     """Process-wide: the patched models being tracked and the class methods wrapped. Never on a model."""
 
     def __init__(self) -> None:
         #: apply roots -> their install's record (weakly: a dropped model or record is forgotten)
         self.roots: weakref.WeakKeyDictionary[nn.Module, weakref.ref[InstallRecord]] = weakref.WeakKeyDictionary()
-        # (class, attribute, original as found in the class __dict__) for each wrapped method.
-        self.saving: list[tuple[type, str, Any]] = []
-        self.loading: list[tuple[type, str, Any]] = []
+        # (class, attribute, original as found in the class __dict__, wrapper) for each wrapped method.
+        self.saving: list[_Wrapped] = []
+        self.loading: list[_Wrapped] = []
         self.missing: set[tuple[type, str]] = set()
         self.guard_requested = False
         self.hook_registered = False
@@ -150,21 +172,44 @@ def served_policy(module: nn.Module) -> Policy | None:
 
 
 def track(root: nn.Module, record: InstallRecord) -> None:
-    """Remember ``root``, just patched by ``record``'s install, and wrap ``PeftModel.save_pretrained`` while any lives."""
+    """Remember ``root``, just patched by ``record``'s install; wrap saving and loading while any such install lives.
+
+    Called under :data:`LOCK` by the install (never registers an import hook: wrapt runs those
+    under its own lock, and a hook of this module takes LOCK).
+    """
     with LOCK:
         _STATE.roots[root] = weakref.ref(record)
-        _wrap_saving()
+        _sync_wrappers()
 
 
 def untrack_unpatched() -> None:
-    """Forget the tracked models whose install was removed (O(tracked)); unwrap saving when none is left."""
+    """Forget the tracked models whose install was removed (O(tracked)); unwrap what nothing holds any more.
+
+    Saving is unwrapped when no tracked install is left, loading when none is left and the
+    process-wide guard is off (:func:`unguard_loads`); both exactly. An install whose model was
+    garbage collected without removal is forgotten here too, so the removal of any install (which
+    calls this) or a call of this function settles it.
+    """
     with LOCK:
         for root, ref in list(_STATE.roots.items()):
             record = ref()
             if record is None or record.removed:
                 _STATE.roots.pop(root, None)
-        if not _STATE.roots:
-            _restore(_STATE.saving)
+        _sync_wrappers()
+
+
+def _sync_wrappers() -> None:
+    """Under :data:`LOCK`: wrap or restore saving and loading as their holders say (see the module docstring)."""
+    cls = _peft_model_class()
+    if not _STATE.roots:
+        _restore(_STATE.saving)
+    elif cls is not None and not _STATE.saving:
+        _wrap(cls, "save_pretrained", _save_pretrained, _STATE.saving)
+    if not (_STATE.roots or _STATE.guard_requested):
+        _restore(_STATE.loading)
+    elif cls is not None and not _STATE.loading:
+        _wrap(cls, "from_pretrained", _from_pretrained, _STATE.loading)
+        _wrap(cls, "load_adapter", _load_adapter, _STATE.loading)
 
 
 # -- saving -------------------------------------------------------------------------------------
@@ -175,7 +220,7 @@ def _peft_model_class() -> type | None:
     return getattr(module, "PeftModel", None)
 
 
-def _wrap(cls: type, name: str, wrapper: Any, into: list[tuple[type, str, Any]]) -> None:
+def _wrap(cls: type, name: str, wrapper: Any, into: list[_Wrapped]) -> None:
     original = cls.__dict__.get(name)
     if original is None:  # a peft that moved the method: say so once, never fail an apply or an import
         if (cls, name) not in _STATE.missing:
@@ -187,20 +232,25 @@ def _wrap(cls: type, name: str, wrapper: Any, into: list[tuple[type, str, Any]])
                 stacklevel=2,
             )
         return
-    setattr(cls, name, wrapt.FunctionWrapper(original, wrapper))
-    into.append((cls, name, original))
+    function_wrapper = wrapt.FunctionWrapper(original, wrapper)
+    setattr(cls, name, function_wrapper)
+    into.append((cls, name, original, function_wrapper))
 
 
-def _restore(wrapped: list[tuple[type, str, Any]]) -> None:
-    for cls, name, original in reversed(wrapped):
-        setattr(cls, name, original)
+def _restore(wrapped: list[_Wrapped]) -> None:
+    """Put each original back, exactly; a wrapper something else replaced since is left to it, with a warning."""
+    for cls, name, original, function_wrapper in reversed(wrapped):
+        current = cls.__dict__.get(name)
+        if current is function_wrapper:
+            setattr(cls, name, original)
+        else:
+            warnings.warn(
+                f"maskpatch cannot restore {cls.__qualname__}.{name} exactly: expected its own wrapper there, but "
+                f"found {type(current).__qualname__} (something wrapped or replaced it since); left as it is",
+                MaskpatchWarning,
+                stacklevel=3,
+            )
     wrapped.clear()
-
-
-def _wrap_saving() -> None:
-    cls = _peft_model_class()
-    if cls is not None and not _STATE.saving:
-        _wrap(cls, "save_pretrained", _save_pretrained, _STATE.saving)
 
 
 def _save_pretrained(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -239,38 +289,52 @@ def _trained_with(peft_model: Any, name: str, policy: Policy) -> TrainedWith:
 
 
 def guard_loads() -> None:
-    """Warn when an adapter saved under a policy is loaded into a model not patched with it.
+    """Turn the process-wide load guard on: warn when an adapter saved under a policy is loaded into a model not patched with it.
 
     Wraps ``PeftModel.from_pretrained`` and ``PeftModel.load_adapter`` once peft is imported (at
-    once if it is); idempotent. :func:`unguard_loads` undoes it exactly.
+    once if it is); idempotent. The first use of maskpatch's public API and auto-enable call it.
+    :func:`unguard_loads` turns it off again.
     """
     with LOCK:
         _STATE.guard_requested = True
         register = not _STATE.hook_registered
         _STATE.hook_registered = True
-    if register:  # wrapt calls the hook at once for a module imported already
+    if register:  # outside LOCK: wrapt calls the hook at once for a module imported already, under its lock
         wrapt.register_post_import_hook(_on_peft_import, "peft")
     elif "peft" in sys.modules:
         _on_peft_import(sys.modules["peft"])
 
 
 def unguard_loads() -> None:
-    """Restore ``PeftModel.from_pretrained`` and ``load_adapter`` exactly; idempotent."""
+    """Turn the process-wide load guard off; idempotent.
+
+    ``PeftModel.from_pretrained`` and ``load_adapter`` are restored exactly at once when no live
+    install holds them, otherwise when the last one is removed (until then loads into patched
+    models are still checked).
+    """
+    import maskpatch
+
+    maskpatch._guarded = True  # a later first use of the public API must not turn it back on
     with LOCK:
         _STATE.guard_requested = False
-        _restore(_STATE.loading)
+        untrack_unpatched()
+
+
+def load_guard_holders() -> dict[str, Any]:
+    """Say who holds the load guard now: ``{"process": bool, "installs": int, "wrapped": bool}``.
+
+    ``process`` is the process-wide part (:func:`guard_loads` / :func:`unguard_loads`), ``installs``
+    the live tracked installs, ``wrapped`` whether both methods are wrapped now.
+    """
+    with LOCK:
+        records = [ref() for ref in _STATE.roots.values()]
+        installs = sum(1 for record in records if record is not None and not record.removed)
+        return {"process": _STATE.guard_requested, "installs": installs, "wrapped": bool(_STATE.loading)}
 
 
 def _on_peft_import(module: Any) -> None:
-    cls = _peft_model_class()
-    if cls is None:
-        return
-    with LOCK:
-        if _STATE.guard_requested and not _STATE.loading:
-            _wrap(cls, "from_pretrained", _from_pretrained, _STATE.loading)
-            _wrap(cls, "load_adapter", _load_adapter, _STATE.loading)
-        if _STATE.roots:  # a model was patched before peft was imported
-            _wrap_saving()
+    with LOCK:  # a model patched before peft was imported holds both; the process part holds loading
+        _sync_wrappers()
 
 
 def _busy() -> bool:

@@ -173,7 +173,8 @@ def touched_classes() -> list[type]:
 
     ``peft.PeftModel`` and its subclasses (the ``disable_adapter`` wrapper, auto-enable's
     ``__init__`` wrappers), sentence-transformers' ``BaseModel`` (auto-enable), the modules it
-    hooks (``Transformer``, ``Pooling``) and ``torch.nn.Module`` itself.
+    hooks (``Transformer``, ``Pooling``), the hosts' classes (``Pipeline``, ``Trainer``: the
+    host wrappers) and ``torch.nn.Module`` itself.
     """
     import sys
 
@@ -192,11 +193,18 @@ def touched_classes() -> list[type]:
         ("sentence_transformers.base.model", "BaseModel"),
         ("sentence_transformers.base.modules.transformer", "Transformer"),
         ("sentence_transformers.sentence_transformer.modules.pooling", "Pooling"),
+        ("transformers.pipelines.base", "Pipeline"),
+        ("transformers.trainer", "Trainer"),
     ):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type):
             classes.append(cls)
     return classes
+
+
+def class_state(cls: type) -> dict[str, int]:
+    """``cls.__dict__`` by identity: name -> id of the value (a wrapt wrapper compares equal to what it wraps)."""
+    return {name: id(value) for name, value in vars(cls).items()}
 
 
 def residue_snapshot(*models, settle: bool = True) -> dict[str, Any]:
@@ -232,10 +240,12 @@ def _settle_class_wrappers() -> None:
     import gc
 
     from maskpatch import provenance
+    from maskpatch.adapters.hosts import release_unheld_host_wrappers
     from maskpatch.adapters.peft import release_unheld_wrappers
 
     gc.collect()
     release_unheld_wrappers()
+    release_unheld_host_wrappers()
     provenance.untrack_unpatched()
 
 

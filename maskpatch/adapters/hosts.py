@@ -9,23 +9,33 @@ with its own tokens, whatever policy the model is patched with. ``maskpatch.appl
 * registers an :class:`AlignOutputHook` on ``host.model``: a forward hook that, only while the
   host itself is calling (a :class:`~contextvars.ContextVar` says so), cuts the ``M`` virtual
   positions off every token-level output, as ``strip`` does;
-* wraps, once per process and on the class, the host method inside which the host calls its
-  model (``Pipeline.forward``, ``Trainer.evaluation_loop``) with :func:`_aligning_wrapper`,
-  which sets that context variable for hosts whose model carries an :class:`AlignOutputHook`
-  and calls the method unchanged for every other object.
+* wraps, on the class, the host method inside which the host calls its model
+  (``Pipeline.forward``, ``Trainer.evaluation_loop``) with :func:`_aligning_wrapper`, which sets
+  that context variable for hosts whose model carries an :class:`AlignOutputHook` and calls the
+  method unchanged for every other object.
 
 So outside the host (``host.model(**batch)`` called by the user) the install's policy holds, and
 inside it the host sees ``N``-long outputs. The handle removes what ``apply(host)`` added: the
-align hook, and the model's install if ``apply(host)`` made it. The class wrappers stay for the
-process (pass-throughs for unpatched hosts); :func:`remove_host_wrappers` takes them off.
+align hook, and the model's install if ``apply(host)`` made it.
+
+The class wrapper is held by the installs that need it, as the ``peft`` adapter's class-level
+wrappers are (:mod:`maskpatch.adapters.peft.wrappers`): the first live host install of a host
+class puts it on (:func:`hold_host_wrapper`, from :meth:`AlignOutputHook.attached`), and the
+removal of the last one, by its handle, by ``maskpatch.remove`` or by the last ``patched`` block,
+takes it off, leaving the class ``__dict__`` exactly as before. A copy of a patched model
+(``pickle``, ``deepcopy``) holds it too, from when it is loaded until ``maskpatch.remove(copy)``.
+An install whose model is garbage collected without removal drops out of the holders silently;
+the next removal of any host install, or :func:`release_unheld_host_wrappers`, then takes the
+wrapper off. Everything happens under :data:`maskpatch.handle.LOCK`.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
-import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -34,10 +44,18 @@ from typing import Any, ClassVar
 import wrapt
 from torch import Tensor, nn
 
+from .. import provenance
 from ..drift import Policy, check_excess, strip_positions, validate_policy
-from ..errors import AlreadyPatchedError, MaskpatchWarning, PolicyError, UnsupportedModelError
+from ..errors import (
+    AlreadyPatchedError,
+    MaskpatchWarning,
+    PolicyError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
 from ..handle import LOCK, HookSpec, PatchHandle, find_record, install, remove_hooks
 from ..hooks import ForwardHook, InstallRecord
+from ..nesting import counted_block
 from ..registry import check_requirements, find_adapter, registered_adapters
 from .peft import CALL_KEY, PeftCall, PeftCallHook
 from .peft.mask import prompt_output_mask
@@ -46,14 +64,20 @@ from .peft.tasks import Fields, find_task, supported_tasks
 __all__ = [
     "AlignOutputHook",
     "HostAdapter",
+    "HostMethod",
     "apply_host",
+    "hold_host_wrapper",
     "host_adapter",
     "is_host_patched",
     "patched_host",
     "peft_kind",
+    "release_unheld_host_wrappers",
     "remove_host",
     "remove_host_wrappers",
 ]
+
+#: A host method, as :attr:`HostAdapter.host_class` names it: (module, class name, method name).
+HostMethod = tuple[str, str, str]
 
 # The models some host is calling right now, on this thread or task (innermost last).
 _ALIGNING: ContextVar[tuple[nn.Module, ...]] = ContextVar("maskpatch_aligning", default=())
@@ -75,15 +99,33 @@ class AlignOutputHook(ForwardHook):
 
     Outside a host's call it does nothing. Registered after the model's own output hook, so it
     sees what the install's policy made of the output: ``N + M`` positions under ``extend`` and
-    ``ignore`` (cut here), ``N`` under ``strip`` (left alone). A copy (``pickle``, ``deepcopy``)
-    puts the host's class wrapper back when it is loaded, e.g. in a fresh worker process.
+    ``ignore`` (cut here), ``N`` under ``strip`` (left alone). ``host`` names the host method whose
+    class wrapper the install holds while it lives (:attr:`HostAdapter.host_class`). A copy
+    (``pickle``, ``deepcopy``) holds it too from when it is loaded, e.g. in a fresh worker process
+    (where the wrapper goes on when the host's library is imported).
     """
+
+    def __init__(self, record: InstallRecord, host: HostMethod) -> None:
+        super().__init__(record)
+        self.host = host
+
+    def attached(self) -> None:
+        hold_host_wrapper(self.record, self.host)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        adapter = next((a for a in registered_adapters() if a.name == self.record.adapter), None)
-        if isinstance(adapter, HostAdapter):  # now, or when the host's library is imported
-            wrapt.register_post_import_hook(adapter.on_import, adapter.host_class[0])
+        if "host" not in state:  # pickled by a maskpatch that did not record it: ask the registry
+            adapter = next((a for a in registered_adapters() if a.name == self.record.adapter), None)
+            if not isinstance(adapter, HostAdapter):
+                return
+            self.host = adapter.host_class
+        try:
+            imported = hold_host_wrapper(self.record, self.host)
+        except UnsupportedVersionError as exc:  # never fail an unpickling: say the copy is not lined up
+            warnings.warn(f"{exc}; a host around this copy sees the install's policy", MaskpatchWarning, stacklevel=2)
+            return
+        if not imported:  # outside LOCK: wrapt calls import hooks under its own lock
+            _wrap_when_imported(self.host)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not any(owner is module for owner in _ALIGNING.get()):
@@ -130,8 +172,13 @@ def _cut(value: Tensor, dims: tuple[int, ...], call: PeftCall, where: str) -> Te
 
 # --- the class-level wrapper that says "a host is calling" ---------------------------------------
 
-_WRAPPER_LOCK = threading.Lock()
-_WRAPPED: list[tuple[type, str]] = []
+# Under LOCK. The installs (records) holding each host method's wrapper, weakly: an install
+# dropped with its model without remove() does not hold the wrapper forever.
+_HOLDERS: dict[HostMethod, weakref.WeakSet[InstallRecord]] = {}
+# The wrappers in place: host method -> (class, original as found in its __dict__, wrapper).
+_WRAPPED: dict[HostMethod, tuple[type, Any, Any]] = {}
+# The host methods whose post-import hook is registered (wrapt cannot unregister one).
+_IMPORT_HOOKS: set[HostMethod] = set()
 
 
 def has_align_hook(model: nn.Module) -> bool:
@@ -151,27 +198,124 @@ def _aligning_wrapper(wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs
         _ALIGNING.reset(token)
 
 
-def ensure_host_wrapper(cls: type, method: str) -> None:
-    """Wrap ``cls.<method>`` with :func:`_aligning_wrapper` on the class, unless it is wrapped (idempotent)."""
-    with _WRAPPER_LOCK:
-        current = cls.__dict__[method]
-        if getattr(current, "_self_wrapper", None) is _aligning_wrapper:
-            return
-        wrapt.wrap_function_wrapper(cls, method, _aligning_wrapper)
-        _WRAPPED.append((cls, method))
+def host_method(host: HostMethod) -> tuple[type, Any] | None:
+    """Return ``(class, method as in its __dict__)`` for ``host`` if its module is imported (never imports it).
+
+    Raises :class:`UnsupportedVersionError` when the class does not define the method itself:
+    wrapping an inherited one could not be undone exactly, and without it the host's outputs
+    would not be lined up.
+    """
+    module, name, method = host
+    cls = getattr(sys.modules.get(module), name, None)
+    if not isinstance(cls, type):
+        return None
+    if method not in cls.__dict__:
+        raise UnsupportedVersionError(
+            f"maskpatch lines up a {name}'s outputs by wrapping {module}.{name}.{method}, but {name} does not "
+            f"define {method} itself in this version of its library"
+        )
+    return cls, cls.__dict__[method]
 
 
-def remove_host_wrappers() -> int:
-    """Restore every host method :func:`ensure_host_wrapper` wrapped; return how many were restored."""
+def hold_host_wrapper(record: InstallRecord, host: HostMethod) -> bool:
+    """Hold the wrapper of ``host`` for as long as ``record``'s install lives; return whether it is on now.
+
+    The first holder puts :func:`_aligning_wrapper` on the class if its module is imported (False
+    otherwise: see :func:`_wrap_when_imported`); the install's removal releases it, and the release
+    of the last holder restores the class exactly. Idempotent per install; a removed install holds
+    nothing. Raises :class:`UnsupportedVersionError`, holding nothing, when the class does not
+    define the method.
+    """
+    with LOCK:
+        if record.removed:
+            return host in _WRAPPED
+        imported = _put_on(host)
+        holders = _HOLDERS.setdefault(host, weakref.WeakSet())
+        if record not in holders:
+            holders.add(record)
+            if _release_host_wrappers not in record.releases:
+                record.releases.append(_release_host_wrappers)
+        return imported
+
+
+def _put_on(host: HostMethod) -> bool:
+    """Put the wrapper of ``host`` on its class unless it is on; return whether the class is imported (under LOCK)."""
+    if host in _WRAPPED:
+        return True
+    found = host_method(host)
+    if found is None:
+        return False
+    cls, original = found
+    wrapper = wrapt.FunctionWrapper(original, _aligning_wrapper)
+    type.__setattr__(cls, host[2], wrapper)
+    _WRAPPED[host] = (cls, original, wrapper)
+    return True
+
+
+def _release_host_wrappers(record: InstallRecord) -> None:
+    """The undo an install holding host wrappers runs at its removal (under LOCK)."""
+    with LOCK:
+        for holders in _HOLDERS.values():
+            holders.discard(record)
+        release_unheld_host_wrappers()
+
+
+def release_unheld_host_wrappers() -> int:
+    """Take off every host wrapper no live install holds, restoring the class exactly; return how many.
+
+    The removal of the last holder does this by itself; an install whose model was garbage
+    collected without removal drops out of the holders silently, so its wrapper stays until the
+    next removal or a call of this function. A wrapper some other code has replaced since (a
+    wrapper of the wrapper) cannot be taken off without undoing that code's change: it is left
+    in place (a pass-through for unpatched hosts) with a :class:`MaskpatchWarning`.
+    """
     restored = 0
-    with _WRAPPER_LOCK:
-        while _WRAPPED:
-            cls, method = _WRAPPED.pop()
-            current = cls.__dict__.get(method)
-            if current is not None and getattr(current, "_self_wrapper", None) is _aligning_wrapper:
-                type.__setattr__(cls, method, current.__wrapped__)
+    with LOCK:
+        for host, (cls, original, wrapper) in list(_WRAPPED.items()):
+            if _HOLDERS.get(host):
+                continue
+            del _WRAPPED[host]
+            if cls.__dict__.get(host[2]) is wrapper:
+                type.__setattr__(cls, host[2], original)
                 restored += 1
+            else:
+                warnings.warn(
+                    f"maskpatch cannot restore {cls.__qualname__}.{host[2]} exactly: expected its own wrapper "
+                    f"there, but found {type(cls.__dict__.get(host[2])).__qualname__} (something wrapped or "
+                    "replaced it since); the wrapper is left in place and passes unpatched hosts through",
+                    MaskpatchWarning,
+                    stacklevel=2,
+                )
     return restored
+
+
+#: Former name of :func:`release_unheld_host_wrappers`. A wrapper a live install holds is never
+#: taken off: that install's host would silently see the policy's outputs instead of its own.
+remove_host_wrappers = release_unheld_host_wrappers
+
+
+def _wrap_when_imported(host: HostMethod) -> None:
+    """Put the wrapper of ``host`` on when its module is imported, if an install holds it then (once per host).
+
+    Call without holding :data:`LOCK`: wrapt runs the hook under its import lock, and the hook
+    takes LOCK.
+    """
+    with LOCK:
+        if host in _IMPORT_HOOKS:
+            return
+        _IMPORT_HOOKS.add(host)
+    wrapt.register_post_import_hook(functools.partial(_wrap_if_held, host), host[0])
+
+
+def _wrap_if_held(host: HostMethod, module: object) -> None:
+    """Post-import hook: put the wrapper of ``host`` on if a live install holds it."""
+    with LOCK:
+        if not _HOLDERS.get(host):
+            return
+        try:
+            _put_on(host)
+        except UnsupportedVersionError as exc:
+            warnings.warn(f"{exc}; a host around a copied install sees its policy", MaskpatchWarning, stacklevel=2)
 
 
 # --- host adapters and their installs ------------------------------------------------------------
@@ -219,21 +363,12 @@ class HostAdapter:
 
     def plan(self, model: Any, record: InstallRecord) -> list[HookSpec]:
         target = self.model_of(model)
+        host_method(self.host_class)  # raises if the class cannot be wrapped: before any hook goes in
         specs = [] if has_own_install(target) else find_adapter(target).plan(target, record)
-        return [*specs, HookSpec(target, AlignOutputHook(record))]
+        return [*specs, HookSpec(target, AlignOutputHook(record, self.host_class))]
 
     #: The mask capability on the host's PeftModel (see maskpatch.registry.MaskAdapter).
     output_mask = staticmethod(prompt_output_mask)
-
-    def ensure_wrapper(self) -> None:
-        """Wrap the host method that calls the model (see the module docstring)."""
-        host = self.host_type()
-        if host is not None:
-            ensure_host_wrapper(host, self.host_class[2])
-
-    def on_import(self, module: object) -> None:
-        """Post-import hook for the host's module: :meth:`ensure_wrapper`."""
-        self.ensure_wrapper()
 
 
 def has_own_install(peft_model: nn.Module) -> bool:
@@ -274,16 +409,12 @@ def patched_host(
     adapter: HostAdapter, host: Any, *, policy: Policy, check_versions: bool, prepended_tokens: int | None
 ) -> Iterator[PatchHandle]:
     """:func:`maskpatch.patched` for a host: blocks nest, and the last one to exit removes the install."""
-    with LOCK:  # one lock for the install and the count, so a block exiting elsewhere cannot remove it between
-        handle, _ = _install_host(adapter, host, policy, check_versions, prepended_tokens, pinned=False)
-        handle._record.contexts += 1
-    try:
+
+    def open_install() -> PatchHandle:
+        return _install_host(adapter, host, policy, check_versions, prepended_tokens, pinned=False)[0]
+
+    with counted_block(open_install) as handle:
         yield handle
-    finally:
-        with LOCK:
-            handle._record.contexts -= 1
-            if handle._record.contexts == 0 and not handle._record.pinned:
-                handle.remove()
 
 
 def _install_host(
@@ -307,15 +438,16 @@ def _install_host(
             )
         joined = _host_record(model)
         if joined is not None:
-            adapter.ensure_wrapper()  # a copy (pickle, deepcopy) of a patched host, in a fresh process
             return PatchHandle(model, joined), True
+        own = has_own_install(model)
         if check_versions:
             check_requirements(adapter)
-            if not has_own_install(model):
+            if not own:
                 check_requirements(find_adapter(model))
         record = InstallRecord(policy, adapter.name, pinned=pinned, root=model)
-        install(adapter.plan(host, record))
-        adapter.ensure_wrapper()
+        install(adapter.plan(host, record))  # the align hook holds the host's class wrapper (attached)
+        if not own:  # this install patched the model too: a prompt saved from it records the policy
+            provenance.track(model, record)
         return PatchHandle(model, record), False
 
 

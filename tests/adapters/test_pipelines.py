@@ -32,7 +32,7 @@ from torch import Tensor
 import maskpatch
 from maskpatch.errors import AlreadyPatchedError, UnsupportedModelError
 
-from helpers import state
+from helpers import class_state, residue_snapshot, state
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),
@@ -382,21 +382,145 @@ def test_a_peft_model_inside_a_patched_sentence_transformer_gets_its_own_call_ho
 
 def test_a_pickled_model_of_a_patched_pipeline_works_in_a_new_pipeline_after_a_fresh_start(tagger, tokenizer):
     """A copy keeps the pipeline's hook and, when loaded, puts back the class wrapper a fresh process lacks
-    (simulated by taking it off): a new pipeline around the copy gives the hand reference, not an IndexError."""
+    (here: taken off by the removal of the original's install): a new pipeline around the copy gives the hand
+    reference, not an IndexError; removing the copy's install leaves ``Pipeline`` exactly as before."""
     import pickle
 
-    from maskpatch.adapters.hosts import remove_host_wrappers
+    from transformers.pipelines.base import Pipeline
 
     expected = token_classification_by_hand(
         make_pipeline("token-classification", tagger, tokenizer), tagger, TEXTS[1], "none"
     )
+    residue_snapshot()  # settles: class wrappers held only by installs of earlier tests come off
+    before = class_state(Pipeline)
     with maskpatch.patched(make_pipeline("token-classification", tagger, tokenizer), policy="extend"):
         blob = pickle.dumps(tagger)
-    assert remove_host_wrappers() >= 1
+    assert class_state(Pipeline) == before  # the last install is gone: no wrapper, as in a fresh process
     copy_ = pickle.loads(blob)
     pipe = make_pipeline("token-classification", copy_, tokenizer)
     assert maskpatch.is_patched(pipe)
     assert_entities_equal(run(pipe, TEXTS[1]), expected)
+    assert maskpatch.remove(copy_)
+    assert class_state(Pipeline) == before
+
+
+# --- the class wrapper of Pipeline.forward: held by the installs, exact class undo -----------------
+
+
+@pytest.fixture
+def pipeline_class_before():
+    """``Pipeline.__dict__`` (by identity) with no live host install: the models of earlier tests collected."""
+    from transformers.pipelines.base import Pipeline
+
+    residue_snapshot()  # settles: class wrappers held only by installs of earlier tests come off
+    return class_state(Pipeline)
+
+
+def _features(pipe, text: str) -> int:
+    return len(run(pipe, text)[0])
+
+
+def test_the_last_pipeline_install_removed_leaves_the_pipeline_class_exactly_as_before(
+    tokenizer, pipeline_class_before
+):
+    """Exact class undo under nesting: apply(pipe) puts the wrapper on ``Pipeline``; a second install (a patched
+    block on another pipeline) keeps it, and its pipeline aligned, after the first is removed with
+    ``maskpatch.remove(pipe)``; the block's exit (the last install) leaves ``Pipeline.__dict__`` as before."""
+    from transformers.pipelines.base import Pipeline
+
+    n = len(tokenizer(TEXTS[0])["input_ids"])
+    first = make_pipeline(
+        "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer
+    )
+    second = make_pipeline(
+        "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size, seed=1), tokenizer
+    )
+    maskpatch.apply(first, policy="extend")
+    assert class_state(Pipeline) != pipeline_class_before
+    with maskpatch.patched(second, policy="ignore"):
+        assert maskpatch.remove(first)
+        assert class_state(Pipeline) != pipeline_class_before
+        assert _features(second, TEXTS[0]) == n  # the wrapper still lines the second pipeline up
+        assert _features(first, TEXTS[0]) == n + M  # the first is unpatched
+    assert class_state(Pipeline) == pipeline_class_before
+    assert _features(second, TEXTS[0]) == n + M
+
+
+def test_patched_pipeline_blocks_on_several_threads_leave_the_pipeline_class_exactly_as_before(
+    tokenizer, pipeline_class_before
+):
+    """Holds and releases race under LOCK: four threads open and close patched blocks on their own pipelines,
+    overlapping; each sees N-long outputs inside its block; afterwards ``Pipeline.__dict__`` is as before."""
+    import threading
+
+    from transformers.pipelines.base import Pipeline
+
+    n = len(tokenizer(TEXTS[0])["input_ids"])
+    pipes = [
+        make_pipeline(
+            "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size, seed=i), tokenizer
+        )
+        for i in range(4)
+    ]
+    barrier, seen, errors = threading.Barrier(len(pipes)), [], []
+
+    def work(pipe) -> None:
+        try:
+            for _ in range(3):
+                barrier.wait()
+                with maskpatch.patched(pipe, policy="extend"):
+                    seen.append(_features(pipe, TEXTS[0]))
+        except BaseException as exc:  # noqa: BLE001 - reported below: a failing thread must fail the test
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(pipe,)) for pipe in pipes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert seen == [n] * 12
+    assert class_state(Pipeline) == pipeline_class_before
+
+
+def test_a_deep_copy_of_a_patched_pipeline_model_holds_the_wrapper_until_it_is_removed(
+    tokenizer, pipeline_class_before
+):
+    """A copy of a patched model is an install of its own: the original's handle.remove() keeps the wrapper and the
+    copy's pipeline aligned; maskpatch.remove(copy) then leaves ``Pipeline.__dict__`` exactly as before."""
+    from transformers.pipelines.base import Pipeline
+
+    n = len(tokenizer(TEXTS[0])["input_ids"])
+    pm = peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size)
+    handle = maskpatch.apply(make_pipeline("feature-extraction", pm, tokenizer), policy="extend")
+    copied = copy.deepcopy(pm)
+    handle.remove()
+    assert class_state(Pipeline) != pipeline_class_before
+    assert _features(make_pipeline("feature-extraction", copied, tokenizer), TEXTS[0]) == n
+    assert maskpatch.remove(copied)
+    assert class_state(Pipeline) == pipeline_class_before
+
+
+def test_a_pipeline_install_dropped_without_remove_is_released_by_the_next_removal(tokenizer, pipeline_class_before):
+    """An install whose model is garbage collected without remove() holds nothing: the removal of another host
+    install afterwards leaves ``Pipeline.__dict__`` exactly as before."""
+    import gc
+
+    from transformers.pipelines.base import Pipeline
+
+    maskpatch.apply(
+        make_pipeline(
+            "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer
+        )
+    )
+    gc.collect()
+    other = make_pipeline(
+        "feature-extraction", peft_model("BertModel", "FEATURE_EXTRACTION", tokenizer.vocab_size), tokenizer
+    )
+    with maskpatch.patched(other):
+        assert class_state(Pipeline) != pipeline_class_before
+    assert class_state(Pipeline) == pipeline_class_before
 
 
 def test_unsupported_pipelines_and_models_are_refused(tokenizer):

@@ -28,7 +28,7 @@ from torch import Tensor
 
 import maskpatch
 
-from helpers import state
+from helpers import class_state, residue_snapshot, state
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*not supported for parameter efficient tuning.*"),
@@ -187,6 +187,29 @@ def test_the_policy_still_holds_outside_the_trainer_and_remove_is_exact(tmp_path
     trainer.evaluate()
     handle.remove()
     assert state(pm) == before and not maskpatch.is_patched(trainer)
+
+
+def test_the_last_trainer_install_removed_leaves_the_trainer_class_exactly_as_before(tmp_path):
+    """Exact class undo under nesting: apply(trainer) wraps ``Trainer.evaluation_loop``; a patched block on a second
+    Trainer keeps the wrapper after the first handle.remove(), and its evaluation lined up (predictions shaped like
+    the label ids); the block's exit (the last install) leaves ``Trainer.__dict__`` exactly as before."""
+    from transformers import Trainer
+
+    residue_snapshot()  # settles: class wrappers held only by installs of earlier tests come off
+    before = class_state(Trainer)
+    metric = ZipAccuracy()
+    first, second = (
+        make_trainer(tagger(), tmp_path / "a", ZipAccuracy()),
+        make_trainer(tagger(), tmp_path / "b", metric),
+    )
+    handle = maskpatch.apply(first, policy="extend")
+    assert class_state(Trainer) != before
+    with maskpatch.patched(second, policy="extend"):
+        handle.remove()
+        assert class_state(Trainer) != before
+        second.evaluate()
+    assert metric.shapes and all(p == y for p, y in metric.shapes), metric.shapes
+    assert class_state(Trainer) == before
 
 
 def test_a_copy_of_the_trainer_model_is_not_aligned_by_another_trainer(tmp_path):

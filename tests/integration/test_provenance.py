@@ -16,6 +16,7 @@ Invariants protected here:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ import maskpatch
 from maskpatch import cli, provenance
 from maskpatch.auto import autoenable
 from maskpatch.cli import doctor
-from tests.helpers import add_prompt_learning, st_model
+from tests.helpers import add_prompt_learning, class_state, residue_snapshot, st_model
 
 M = 4
 SIDECAR = "maskpatch.json"  # the documented file name, written out here rather than read from the code
@@ -110,7 +111,7 @@ import torch
 torch.set_num_threads(1)
 import maskpatch
 from peft import PeftModel
-from tests.helpers import add_prompt_learning, st_model
+from tests.helpers import add_prompt_learning, class_state, residue_snapshot, st_model
 
 model = add_prompt_learning(st_model(sys.argv[2]), m=4)
 before = PeftModel.__dict__["save_pretrained"]
@@ -217,9 +218,10 @@ def test_auto_enable_serves_a_loaded_adapter_with_its_recorded_policy(tiny_model
 
 
 def test_unguard_loads_restores_both_methods_exactly_and_guard_loads_rewraps():
-    """``unguard_loads`` puts the very same class attributes back; ``guard_loads`` wraps them again."""
+    """With no install alive, ``unguard_loads`` puts the very same class attributes back; ``guard_loads`` wraps again."""
     from peft import PeftModel
 
+    gc.collect()  # models of earlier tests, dropped without remove(), hold the guard until collected
     wrapped = {name: PeftModel.__dict__[name] for name in ("from_pretrained", "load_adapter")}
     provenance.unguard_loads()
     try:
@@ -229,6 +231,69 @@ def test_unguard_loads_restores_both_methods_exactly_and_guard_loads_rewraps():
     finally:
         provenance.guard_loads()
     assert all(PeftModel.__dict__[name] is not originals[name] for name in wrapped)
+
+
+@pytest.fixture
+def process_guard_off():
+    """The process-wide load guard off (as after ``unguard_loads()``), and ``PeftModel.__dict__`` before any install."""
+    from peft import PeftModel
+
+    residue_snapshot()  # settles: class wrappers held only by installs of earlier tests come off
+    provenance.unguard_loads()
+    try:
+        yield class_state(PeftModel)
+    finally:
+        provenance.guard_loads()
+
+
+def test_an_install_holds_the_load_guard_and_its_removal_restores_peft_model_exactly(
+    tiny_model_dir, saved_ignore: Path, process_guard_off
+):
+    """Process-wide guard off: while a model is patched, a load into it with another policy still warns;
+    after its install is removed, ``PeftModel.__dict__`` is exactly as before the install (every entry)."""
+    from peft import PeftModel
+
+    before = process_guard_off
+    assert class_state(PeftModel) == before
+    model = st_model(tiny_model_dir("bert"))
+    handle = maskpatch.apply(model, policy="extend")
+    messages = load(model, saved_ignore)
+    assert len(messages) == 1 and "'ignore'" in messages[0] and "policy 'extend'" in messages[0], messages
+    handle.remove()
+    assert class_state(PeftModel) == before
+    assert load(st_model(tiny_model_dir("bert")), saved_ignore) == []  # off: an unpatched load is not checked
+
+
+def test_nested_installs_keep_the_load_guard_until_the_last_is_removed(
+    tiny_model_dir, saved_ignore: Path, process_guard_off
+):
+    """Two installs hold the guard: removing one (``maskpatch.remove``) keeps it, the last one's block exit restores
+    ``PeftModel.__dict__`` exactly."""
+    from peft import PeftModel
+
+    before = process_guard_off
+    first, second = st_model(tiny_model_dir("bert")), st_model(tiny_model_dir("bert"))
+    with maskpatch.patched(first, policy="strip"):
+        maskpatch.apply(second, policy="extend")
+        assert maskpatch.remove(second)
+        messages = load(first, saved_ignore)
+        assert len(messages) == 1 and "policy 'strip'" in messages[0], messages
+        assert class_state(PeftModel) != before
+    assert class_state(PeftModel) == before
+
+
+def test_an_install_dropped_without_remove_is_released_by_the_next_removal(tiny_model_dir, process_guard_off):
+    """A patched model garbage collected without remove() holds nothing: the removal of another install afterwards
+    leaves ``PeftModel.__dict__`` exactly as before (the load guard and every other class wrapper)."""
+    from peft import PeftModel
+
+    before = process_guard_off
+    maskpatch.apply(add_prompt_learning(st_model(tiny_model_dir("bert")), m=M), policy="extend")
+    assert class_state(PeftModel)["from_pretrained"] != before["from_pretrained"]  # held while it lived
+    gc.collect()
+    with maskpatch.patched(add_prompt_learning(st_model(tiny_model_dir("bert")), m=M), policy="extend"):
+        assert class_state(PeftModel) != before
+    assert class_state(PeftModel) == before
 
 
 def test_doctor_reports_the_recorded_policy(tiny_model_dir, saved_ignore: Path, tmp_path: Path, capsys):
