@@ -153,3 +153,12 @@ def test_todays_crash_is_shown_as_a_crash(monkeypatch, capsys, restore_demo_sett
     assert demo.main(["--policy", "strip", "--m", "4"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^  mean\s+-\s+-\s+-  wrong: crashes \(RuntimeError: The expanded size", out, re.M), out
+
+
+def test_python_dash_m_maskpatch_is_the_console_script():
+    """``python -m maskpatch`` works like the ``maskpatch`` script (users try it where no script is on PATH)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "maskpatch", "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert maskpatch.__version__ in result.stdout
