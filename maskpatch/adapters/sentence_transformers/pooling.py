@@ -85,6 +85,24 @@ _ORIGINAL = "maskpatch_weightedmean_original"
 _PADDING_MASK = "maskpatch_padding_mask"
 
 
+def _prepended_columns(args: tuple[Any, ...]) -> tuple[MutableMapping[str, Any], Tensor, Tensor, int] | None:
+    """``(features, token_embeddings, attention_mask, M)`` when ``Pooling``'s features carry ``M > 0`` leading columns.
+
+    ``M`` is the mask's width beyond ``input_ids``; None when the features are not a dict of
+    ``(B, L, D)`` token embeddings with a ``(B, L)`` mask that is wider than the ids.
+    """
+    features = args[0] if args else None
+    if not isinstance(features, MutableMapping):
+        return None
+    tokens, mask, ids = features.get("token_embeddings"), features.get("attention_mask"), features.get("input_ids")
+    if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor) and isinstance(ids, Tensor)):
+        return None
+    m = mask.shape[1] - ids.shape[1]
+    if m <= 0 or mask.dim() != 2 or tokens.dim() != 3 or tokens.shape[1] != mask.shape[1]:
+        return None
+    return features, tokens, mask, m
+
+
 class WeightedMeanOrderHook(ForwardPreHook):
     """Pre-hook on a ``weightedmean`` ``Pooling`` under ``extend``: the virtual tokens after the left padding.
 
@@ -98,15 +116,10 @@ class WeightedMeanOrderHook(ForwardPreHook):
     """
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        features = args[0] if args else None
-        if not isinstance(features, MutableMapping):
+        found = _prepended_columns(args)
+        if found is None:
             return None
-        tokens, mask, ids = features.get("token_embeddings"), features.get("attention_mask"), features.get("input_ids")
-        if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor) and isinstance(ids, Tensor)):
-            return None
-        m = mask.shape[1] - ids.shape[1]
-        if m <= 0 or mask.dim() != 2 or tokens.dim() != 3 or tokens.shape[1] != mask.shape[1]:
-            return None
+        features, tokens, mask, m = found
         order = virtual_after_padding(features.get(_PADDING_MASK, mask), m)
         reordered = copy_features(features)
         reordered.pop(_PADDING_MASK, None)
@@ -132,15 +145,10 @@ class PoolingRealColumnsHook(ForwardPreHook):
     """
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        features = args[0] if args else None
-        if not isinstance(features, MutableMapping):
+        found = _prepended_columns(args)
+        if found is None:
             return None
-        tokens, mask, ids = features.get("token_embeddings"), features.get("attention_mask"), features.get("input_ids")
-        if not (isinstance(tokens, Tensor) and isinstance(mask, Tensor) and isinstance(ids, Tensor)):
-            return None
-        m = mask.shape[1] - ids.shape[1]
-        if m <= 0 or mask.dim() != 2 or tokens.dim() != 3 or tokens.shape[1] != mask.shape[1]:
-            return None
+        features, tokens, mask, m = found
         cut = copy_features(features)
         cut["token_embeddings"] = strip_positions(tokens, m)
         cut["attention_mask"] = strip_positions(mask, m)
