@@ -29,6 +29,8 @@ from torch import Tensor
 
 import maskpatch
 
+from helpers import pool_by_hand
+
 pytestmark = [
     pytest.mark.compat,
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -220,15 +222,6 @@ def test_peft_model_called_directly_gives_the_hand_reference(minilm_dir, policy)
     assert torch.equal(lined_up, want)
 
 
-def _pool_by_hand(tokens: Tensor, mode: str) -> Tensor:
-    """Pool (K, D) ``tokens`` (all of them pooled) the way ``mode`` defines it, written out."""
-    if mode == "weightedmean":
-        weights = torch.arange(1, len(tokens) + 1, dtype=tokens.dtype).unsqueeze(1)
-        return (tokens * weights).sum(0) / weights.sum()
-    assert mode == "cls"
-    return tokens[0]
-
-
 @pytest.mark.parametrize("mode", ["weightedmean", "cls"])
 def test_column_read_pooling_under_ignore_gives_the_hand_reference(minilm_dir, mode):
     """ignore pools the real tokens only, also where Pooling reads positions by column (before 6.2).
@@ -253,8 +246,8 @@ def test_column_read_pooling_under_ignore_gives_the_hand_reference(minilm_dir, m
     assert not [w for w in caught if issubclass(w.category, maskpatch.MaskpatchWarning)]
     for i, text in enumerate(TEXTS):
         feats = _features(pooled, [text])
-        tokens = _prompt_tokens(_peft(pooled), feats["input_ids"], feats["attention_mask"])[0, M:]
-        expected = _pool_by_hand(tokens, mode)
+        tokens = _prompt_tokens(_peft(pooled), feats["input_ids"], feats["attention_mask"])[:, M:]
+        expected = pool_by_hand(tokens, feats["attention_mask"], mode)[0]  # the real tokens, all attended
         torch.testing.assert_close(alone[i], expected, atol=ATOL, rtol=0)
         torch.testing.assert_close(batch[i], expected, atol=ATOL, rtol=0)
 
